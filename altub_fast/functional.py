@@ -1,0 +1,125 @@
+"""The functional API: one entry per fused op, choosing the implementation per call.
+
+``ALTUB_FAST_IMPL`` (auto | triton | torch), overridable per call with ``impl=``:
+- auto: Triton when the tensors are on CUDA (or on CPU with ``TRITON_INTERPRET=1``), Triton
+  imports and the dtype is one the kernels take; otherwise the reference. Falls back silently.
+- triton: the Triton kernels, or a RuntimeError saying why they cannot run.
+- torch: the reference (``altub_fast.reference``), always.
+
+Nothing here imports Triton at module import time: the kernels are imported lazily inside
+``altub_fast.ops`` the first time they are needed.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+IMPLS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: How many calls each implementation served, per op ("coupling_forward:triton", ...). Tests use
+#: it to prove which path ran; it costs one dict update per call.
+CALLS: Counter = Counter()
+
+
+def default_impl() -> str:
+    impl = os.environ.get("ALTUB_FAST_IMPL", "auto").strip().lower() or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"ALTUB_FAST_IMPL must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(*tensors: Tensor) -> Optional[str]:
+    """None if the Triton kernels can run on these tensors, else a sentence saying why not."""
+    t = tensors[0]
+    if t.device.type == "cuda":
+        pass
+    elif t.device.type == "cpu":
+        if not _interpreter():
+            return ("the tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before "
+                    "triton is imported to run the kernels in Triton's interpreter)")
+    else:
+        return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not on {t.device.type}"
+    if any(x.device != t.device for x in tensors):
+        return "the tensors are on different devices: " + ", ".join(sorted({str(x.device) for x in tensors}))
+    if t.dtype not in KERNEL_DTYPES:
+        return f"the kernels take float32, float16 and bfloat16, not {t.dtype}"
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return "Triton's interpreter cannot do bfloat16 arithmetic (bfloat16 runs on CUDA only)"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_impl(impl: Optional[str], *tensors: Tensor) -> str:
+    """'triton' or 'torch' for this call."""
+    impl = default_impl() if impl is None else impl.lower()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(*tensors)
+    if reason is None:
+        return "triton"
+    if impl == "triton":
+        raise RuntimeError(f"impl='triton' was asked for but cannot run: {reason}")
+    return "torch"
+
+
+def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
+                     perm: Optional[Tensor] = None, *, clamp: float = 2.0, clamp_mode: str = "legacy",
+                     gin: bool = False, affine_type: str = "SOFTPLUS",
+                     impl: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`."""
+    which = resolve_impl(impl, x, a, global_scale, global_offset)
+    CALLS[f"coupling_forward:{which}"] += 1
+    if which == "triton":
+        from .ops.coupling import coupling_forward_triton
+        return coupling_forward_triton(x, a, global_scale, global_offset, perm, clamp=clamp,
+                                       clamp_mode=clamp_mode, gin=gin, affine_type=affine_type)
+    return reference.coupling_forward(x, a, global_scale, global_offset, perm, clamp=clamp,
+                                      clamp_mode=clamp_mode, gin=gin, affine_type=affine_type)
+
+
+def coupling_forward_loglik(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
+                            perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
+                            clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
+                            affine_type: str = "SOFTPLUS", impl: Optional[str] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The last-block variant (z, log-det, per-pixel and per-sample base log-likelihood);
+    see :func:`altub_fast.reference.coupling_forward_loglik`."""
+    which = resolve_impl(impl, x, a, global_scale, global_offset, mu, log_sigma)
+    CALLS[f"coupling_forward_loglik:{which}"] += 1
+    if which == "triton":
+        from .ops.coupling import coupling_forward_loglik_triton
+        return coupling_forward_loglik_triton(x, a, global_scale, global_offset, perm, mu, log_sigma,
+                                              clamp=clamp, clamp_mode=clamp_mode, gin=gin,
+                                              affine_type=affine_type)
+    return reference.coupling_forward_loglik(x, a, global_scale, global_offset, perm, mu, log_sigma,
+                                             clamp=clamp, clamp_mode=clamp_mode, gin=gin,
+                                             affine_type=affine_type)
+
+
+def gaussian_log_prob(z: Tensor, mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None,
+                      reduction: str = "none", include_const: bool = True,
+                      impl: Optional[str] = None) -> Tensor:
+    """The learnable-Gaussian log-likelihood; see :func:`altub_fast.reference.gaussian_log_prob`.
+
+    The standalone base log-likelihood is one cheap elementwise pass that autograd fuses well
+    enough; the fused kernel serves it inside :func:`coupling_forward_loglik`. This entry stays on
+    the reference.
+    """
+    CALLS["gaussian_log_prob:torch"] += 1
+    return reference.gaussian_log_prob(z, mu, log_sigma, reduction=reduction, include_const=include_const)
