@@ -1,0 +1,83 @@
+"""Shared pieces of the benchmarks: shapes, device, synchronised timing, result bookkeeping.
+
+Ratios are only ever computed between providers measured in the same run (machines are noisy):
+each benchmark stores its mean in ``RESULTS`` and the providers measured after the reference of
+the same (level, shape, mode) record ``speedup_vs_reference`` in ``extra_info``; the report
+script recomputes every ratio from the JSON.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+#: FastFlow feature shapes (C, H, W) per backbone at input 256 (SPEC 3).
+FASTFLOW_SHAPES = {
+    "resnet18": [(64, 64, 64), (128, 32, 32), (256, 16, 16)],
+    "wide_resnet50_2": [(256, 64, 64), (512, 32, 32), (1024, 16, 16)],
+}
+CONV3X3_ONLY = {"resnet18": True, "wide_resnet50_2": False}
+TINY_SHAPE = (8, 8, 8)
+BATCH = 32 if ON_GPU else 4
+TINY_BATCH = 2
+
+#: (level, shape, mode) -> reference mean seconds, filled as the reference benchmarks run.
+RESULTS: dict = {}
+
+
+def sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def fastflow_subnet(kernel_size: int, hidden_ratio: float = 1.0):
+    """SPEC 3's subnet: Conv2d(k) -> ReLU -> Conv2d(k) with explicit 'same' padding."""
+    def ctor(c_in, c_out):
+        hidden = int(c_in * hidden_ratio)
+        pad = kernel_size // 2
+        return nn.Sequential(nn.Conv2d(c_in, hidden, kernel_size, padding=pad), nn.ReLU(),
+                             nn.Conv2d(hidden, c_out, kernel_size, padding=pad))
+    return ctor
+
+
+def run_timed(benchmark, fn, rounds: int, warmup: int = 1):
+    """pedantic timing with a device sync inside each timed call."""
+    def call():
+        out = fn()
+        sync()
+        return out
+    if benchmark.disabled:
+        return benchmark(call)
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def record(benchmark, key, provider: str, bytes_moved: int = 0, **extra):
+    """Store the mean, GB/s and the speed-up over the reference measured earlier in this run."""
+    info = benchmark.extra_info
+    info.update(extra)
+    info["provider"] = provider
+    info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    mean = benchmark.stats.stats.mean
+    if bytes_moved:
+        info["bytes_moved"] = int(bytes_moved)
+        info["GB_per_s"] = bytes_moved / mean / 1e9
+    if provider == "reference":
+        RESULTS[key] = mean
+    elif key in RESULTS:
+        info["speedup_vs_reference"] = RESULTS[key] / mean
+
+
+def peak_memory(fn) -> int:
+    """Peak device memory of one call in bytes (CUDA only; 0 elsewhere)."""
+    if not ON_GPU:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
