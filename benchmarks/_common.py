@@ -81,3 +81,29 @@ def peak_memory(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def interleaved_ratio(fn_base, fn_new, rounds: int = 7, warmup: int = 1) -> dict:
+    """Speed-up of ``fn_new`` over ``fn_base`` from calls that alternate A, B, A, B, ...
+
+    Alternating the two puts both under the same background load at nearly the same moments,
+    which is what makes a ratio from a shared, noisy machine worth reporting. Returns the ratio of
+    medians and of minimums, and the medians themselves (seconds).
+    """
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn_base(); fn_new(); sync()
+    t_base, t_new = [], []
+    for i in range(rounds):
+        order = ((fn_base, t_base), (fn_new, t_new)) if i % 2 == 0 else ((fn_new, t_new), (fn_base, t_base))
+        for fn, acc in order:
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    mb, mn = statistics.median(t_base), statistics.median(t_new)
+    return {"ratio_median": mb / mn, "ratio_min": min(t_base) / min(t_new),
+            "base_median_s": mb, "new_median_s": mn, "rounds": rounds}

@@ -19,7 +19,7 @@ import torch
 
 import altub_fast
 from _common import (BATCH, CONV3X3_ONLY, DEVICE, FASTFLOW_SHAPES, TINY_BATCH, TINY_SHAPE, fastflow_subnet,
-                     peak_memory, record, run_timed)
+                     interleaved_ratio, peak_memory, record, run_timed)
 
 FrEIA = pytest.importorskip("FrEIA", reason="FrEIA==0.2 is a dev dependency")
 from FrEIA.framework import SequenceINN as FrEIASequenceINN  # noqa: E402
@@ -82,23 +82,31 @@ def test_block_perf(benchmark, provider, backbone, scale, mode, level):
     tol = 1e-3 if DEVICE.type == "cuda" else 1e-4
     torch.testing.assert_close(z.float(), z_ref.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(j.float(), j_ref.float(), atol=tol * max(1.0, j_ref.abs().max().item()), rtol=tol)
-    del ref
 
-    if mode == "inference":
-        def fn():
-            with torch.no_grad():
-                return flow(x)
-    else:
-        params = [p for p in flow.parameters() if p.requires_grad]
+    def make_fn(net):
+        if mode == "inference":
+            def fn():
+                with torch.no_grad():
+                    return net(x)
+            return fn
+        params = [p for p in net.parameters() if p.requires_grad]
 
         def fn():
-            loss = loss_of(flow, x)
-            return torch.autograd.grad(loss, params)
+            return torch.autograd.grad(loss_of(net, x), params)
+        return fn
+    fn = make_fn(flow)
     C, H, W = shape
     elems = batch * C * H * W
     rounds = 5 if (DEVICE.type == "cpu" and level == "flow8") else 10
     run_timed(benchmark, fn, rounds=rounds)
     mem = peak_memory(fn) if mode == "fwd_bwd" else 0
+    extra = {}
+    if not tiny and provider != "reference":
+        # interleaved A/B against the reference (and, for ours, against FrEIA) in this same run
+        extra["vs_reference_interleaved"] = interleaved_ratio(make_fn(ref), fn, rounds=rounds)
+        if provider == "altub":
+            extra["vs_freia_interleaved"] = interleaved_ratio(make_fn(build_flow("freia", shape, n_blocks, conv3)),
+                                                              fn, rounds=rounds)
     record(benchmark, (level, backbone, scale, mode), provider, bytes_moved=0,
            level=level, backbone=backbone, shape=[batch, C, H, W], mode=mode, elements=elems,
-           peak_memory_bytes=mem)
+           peak_memory_bytes=mem, **extra)
