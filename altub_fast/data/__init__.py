@@ -1,0 +1,53 @@
+"""Datasets: MVTec AD style folders, the MVTec AD download, and a synthetic carpet set."""
+from .download import (
+    COMPLETE_MARKER,
+    LICENSE_NOTICE,
+    MVTEC_SHA256,
+    MVTEC_URL,
+    ChecksumError,
+    DownloadError,
+    UnsafeArchiveError,
+    download_category,
+    download_file,
+    download_mvtec,
+    extract_categories,
+    is_complete,
+)
+from .mvtec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MVTEC_CATEGORIES,
+    DatasetError,
+    DatasetNotFoundError,
+    MVTecAD,
+    Sample,
+    denormalize,
+)
+from .synthetic import SYNTHETIC_DEFECTS, SyntheticCarpet, make_synthetic_carpet, synthesize_image
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "ChecksumError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DownloadError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LICENSE_NOTICE",
+    "MVTEC_CATEGORIES",
+    "MVTEC_SHA256",
+    "MVTEC_URL",
+    "MVTecAD",
+    "SYNTHETIC_DEFECTS",
+    "Sample",
+    "SyntheticCarpet",
+    "UnsafeArchiveError",
+    "denormalize",
+    "download_category",
+    "download_file",
+    "download_mvtec",
+    "extract_categories",
+    "is_complete",
+    "make_synthetic_carpet",
+    "synthesize_image",
+]
