@@ -1,0 +1,271 @@
+"""FastFlow (arXiv 2111.07677) with AltUB's learnable base (SPEC sections 2, 3 and 6).
+
+Frozen backbone -> (CNNs) trainable LayerNorm([C, h, w]) per scale -> one 2-D flow per scale
+(SequenceINN of altub_fast AllInOneBlocks) -> per-scale base N(mu, diag(sigma^2))
+(:class:`altub_fast.LearnableGaussian`; a frozen N(0, I) when ``altub=False``).
+
+The loss and the anomaly map both come from :meth:`SequenceINN.forward_loglik`, so the last
+block's fused pass (Triton where it can run) computes z, the log-det and the base
+log-likelihood together.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
+from ..reference import LOG_2PI
+from .backbones import FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone
+
+#: Per-backbone defaults (gathierry/FastFlow and anomalib's configurations).
+FASTFLOW_DEFAULTS: Dict[str, dict] = {
+    "resnet18": dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=True),
+    "wide_resnet50_2": dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=False),
+    "deit_base_distilled_patch16_384": dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False),
+    "cait_m48_448": dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False),
+}
+_CNN_DEFAULT = dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=False)
+_VIT_DEFAULT = dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False)
+
+Features = Union[List[Tensor], Tuple[Tensor, ...]]
+
+
+class ConvSubnet:
+    """FastFlow's subnet constructor: Conv2d(k) -> ReLU -> Conv2d(k), hidden = int(C_in * ratio),
+    "same" padding written explicitly (k // 2). A class, so flows pickle."""
+
+    def __init__(self, kernel_size: int, hidden_ratio: float):
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
+        self.kernel_size = int(kernel_size)
+        self.hidden_ratio = float(hidden_ratio)
+
+    def __call__(self, c_in: int, c_out: int) -> nn.Module:
+        hidden = int(c_in * self.hidden_ratio)
+        if hidden < 1:
+            raise ValueError(f"hidden_ratio {self.hidden_ratio} gives no hidden channels for {c_in} inputs")
+        k, p = self.kernel_size, self.kernel_size // 2
+        return nn.Sequential(nn.Conv2d(c_in, hidden, k, padding=p), nn.ReLU(),
+                             nn.Conv2d(hidden, c_out, k, padding=p))
+
+
+def fastflow_flow(shape: Tuple[int, int, int], flow_steps: int, hidden_ratio: float, conv3x3_only: bool,
+                  clamp: float = 2.0, clamp_mode: str = "legacy", impl: Optional[str] = None) -> SequenceINN:
+    """One scale's flow: ``flow_steps`` AllInOneBlocks, hard permutation, SOFTPLUS global affine;
+    k = 3 on even steps, 1 on odd steps unless ``conv3x3_only``."""
+    flow = SequenceINN(*shape)
+    for i in range(flow_steps):
+        k = 1 if (i % 2 == 1 and not conv3x3_only) else 3
+        flow.append(AllInOneBlock, subnet_constructor=ConvSubnet(k, hidden_ratio), affine_clamping=clamp,
+                    global_affine_type="SOFTPLUS", permute_soft=False, clamp_mode=clamp_mode, impl=impl)
+    return flow
+
+
+class FastFlowOutput(NamedTuple):
+    """What :meth:`FastFlow.forward` returns. Per-scale lists; log-likelihoods in float32 with the
+    -0.5 log(2 pi) constant (as :class:`altub_fast.FlowOutput`)."""
+    loss: Tensor                 # scalar: sum over scales of the batch-mean NLL (SPEC 3)
+    z: List[Tensor]              # (B, C, h, w)
+    log_jac_det: List[Tensor]    # (B,)
+    logp_pixel: List[Tensor]     # (B, h, w), summed over channels
+    logp_sample: List[Tensor]    # (B,), base term only
+
+
+class FastFlow(nn.Module):
+    """FastFlow with an AltUB base.
+
+    Args:
+      backbone: backbone name (see :func:`build_backbone`) or a ready :class:`FeatureExtractor`.
+      image_size: input size (int or (H, W)); sets the LayerNorm shapes.
+      pretrained, weights: backbone weights (timm download / packaged file, or a local file).
+      altub: learnable base (True) or the fixed N(0, I) of the baseline (False).
+      flow_steps, hidden_ratio, conv3x3_only: default per backbone (:data:`FASTFLOW_DEFAULTS`).
+      clamp: affine clamping (2.0); clamp_mode: see :class:`AllInOneBlock`.
+      out_indices: timm stages for CNNs (default (1, 2, 3)); vit_block_index: for transformers.
+      impl: implementation switch passed to every block (None: ``ALTUB_FAST_IMPL``).
+      check_finite: raise :class:`NonFiniteError` on NaN/Inf in the loss or the maps.
+
+    ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
+    tuple of tensors, one per scale, as :meth:`extract_features` returns them).
+    """
+
+    model_name = "fastflow"
+    default_lr = 1e-3
+    default_weight_decay = 1e-5
+
+    def __init__(self, backbone: Union[str, FeatureExtractor] = "wide_resnet50_2", *, image_size: ImageSize = 256,
+                 pretrained: bool = True, weights: Optional[str] = None, altub: bool = True,
+                 flow_steps: Optional[int] = None, hidden_ratio: Optional[float] = None,
+                 conv3x3_only: Optional[bool] = None, clamp: float = 2.0, clamp_mode: str = "legacy",
+                 out_indices: Optional[Sequence[int]] = None, vit_block_index: Optional[int] = None,
+                 impl: Optional[str] = None, check_finite: bool = True):
+        super().__init__()
+        self.image_size = as_hw(image_size)
+        if isinstance(backbone, FeatureExtractor):
+            self.backbone = backbone
+        else:
+            self.backbone = build_backbone(backbone, pretrained=pretrained, weights=weights,
+                                           out_indices=out_indices if out_indices is not None else (1, 2, 3),
+                                           vit_block_index=vit_block_index, image_size=self.image_size)
+        name = self.backbone.name
+        vit = self.backbone.kind == "vit"
+        d = dict(FASTFLOW_DEFAULTS.get(base_name(name), _VIT_DEFAULT if vit else _CNN_DEFAULT))
+        self.flow_steps = int(flow_steps if flow_steps is not None else d["flow_steps"])
+        self.hidden_ratio = float(hidden_ratio if hidden_ratio is not None else d["hidden_ratio"])
+        self.conv3x3_only = bool(conv3x3_only if conv3x3_only is not None else d["conv3x3_only"])
+        self.clamp = float(clamp)
+        self.altub = bool(altub)
+        self.check_finite = bool(check_finite)
+        self.feature_shapes = self.backbone.feature_shapes(self.image_size)
+        # Transformers bring their own final norm; CNN scales get a trainable LayerNorm([C, h, w]).
+        self.norms = nn.ModuleList([nn.Identity() if vit else nn.LayerNorm(list(s), elementwise_affine=True)
+                                    for s in self.feature_shapes])
+        self.flows = nn.ModuleList([fastflow_flow(s, self.flow_steps, self.hidden_ratio, self.conv3x3_only,
+                                                  clamp=self.clamp, clamp_mode=clamp_mode, impl=impl)
+                                    for s in self.feature_shapes])
+        self.bases = nn.ModuleList([LearnableGaussian(s[0], learnable=self.altub) for s in self.feature_shapes])
+        self.config = dict(name=self.model_name, backbone=name, image_size=list(self.image_size),
+                           pretrained=pretrained, weights=weights, altub=self.altub, flow_steps=self.flow_steps,
+                           hidden_ratio=self.hidden_ratio, conv3x3_only=self.conv3x3_only, clamp=self.clamp,
+                           clamp_mode=clamp_mode, out_indices=list(out_indices) if out_indices is not None else None,
+                           vit_block_index=vit_block_index, impl=impl,
+                           backbone_weights_origin=self.backbone.weights_origin)
+
+    # ------------------------------------------------------------------ parameter groups
+    @property
+    def num_scales(self) -> int:
+        return len(self.feature_shapes)
+
+    def flow_parameters(self) -> List[nn.Parameter]:
+        """theta_flow: coupling subnets, global affine, LayerNorms (trainable ones only)."""
+        return [p for m in (self.norms, self.flows) for p in m.parameters() if p.requires_grad]
+
+    def base_parameters(self) -> List[nn.Parameter]:
+        """theta_base: mu and log sigma of every scale (empty when altub=False)."""
+        return [p for p in self.bases.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self, include_backbone: bool = False) -> Dict[str, Tensor]:
+        """Everything but the backbone (which is reproducible from its name and weights)."""
+        return {k: v for k, v in self.state_dict().items() if include_backbone or not k.startswith("backbone.")}
+
+    # ------------------------------------------------------------------ features
+    @torch.no_grad()
+    def extract_features(self, images: Tensor) -> List[Tensor]:
+        """The frozen backbone's raw feature maps (before the trainable LayerNorms)."""
+        self._check_images(images)
+        self.backbone.eval()
+        return self.backbone(images)
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"this FastFlow was built for {self.image_size[0]}x{self.image_size[1]} inputs "
+                             f"(LayerNorm shapes depend on it), got {images.shape[-2]}x{images.shape[-1]}")
+
+    def _as_features(self, x: Union[Tensor, Features]) -> List[Tensor]:
+        if torch.is_tensor(x):
+            return self.extract_features(x)
+        feats = list(x)
+        if len(feats) != self.num_scales:
+            raise ValueError(f"expected {self.num_scales} feature maps, got {len(feats)}")
+        for i, (f, s) in enumerate(zip(feats, self.feature_shapes)):
+            if tuple(f.shape[1:]) != tuple(s):
+                raise ValueError(f"feature map {i} must be (B, {s[0]}, {s[1]}, {s[2]}), got {tuple(f.shape)}")
+        return feats
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, x: Union[Tensor, Features]) -> FastFlowOutput:
+        feats = self._as_features(x)
+        zs, ljds, lpp, lps = [], [], [], []
+        loss = 0.0
+        for i, f in enumerate(feats):
+            out = self.flows[i].forward_loglik(self.norms[i](f), base=self.bases[i])
+            numel = out.z[0].numel()
+            # NLL without the constant: -(log p_base + 0.5 log(2 pi) * numel) - log|det J|.
+            # With the fixed N(0, I) this is the baseline's 0.5 * sum z^2 - log|det J|.
+            nll = -(out.logp_sample + (0.5 * LOG_2PI) * numel) - out.log_jac_det
+            loss = loss + nll.mean()
+            zs.append(out.z)
+            ljds.append(out.log_jac_det)
+            lpp.append(out.logp_pixel)
+            lps.append(out.logp_sample)
+        return FastFlowOutput(loss, zs, ljds, lpp, lps)
+
+    def loss(self, x: Union[Tensor, Features]) -> Tensor:
+        return self(x).loss
+
+    # --- the trainer's protocol -------------------------------------------------------------
+    def training_units(self, features: Features, generator: Optional[torch.Generator] = None) -> Iterator[Features]:
+        """One optimiser update per image batch."""
+        yield features
+
+    def step_loss(self, unit: Features) -> Tuple[Tensor, List[Tensor]]:
+        """(loss, [z per scale]) for one ordinary update."""
+        out = self(unit)
+        return out.loss, out.z
+
+    def base_only_loss(self, unit: Features) -> Tuple[Tensor, List[Tensor]]:
+        """The same loss for a base-only update: the flow runs without a graph, so only mu and
+        log sigma receive gradients (SPEC 2)."""
+        feats = self._as_features(unit)
+        loss = 0.0
+        zs = []
+        for i, f in enumerate(feats):
+            with torch.no_grad():
+                z, ljd = self.flows[i](self.norms[i](f))
+            lp = self.bases[i].log_prob(z, reduction="sample", include_const=False)
+            loss = loss + (-lp - ljd).mean()
+            zs.append(z)
+        return loss, zs
+
+    def diagnose_nonfinite(self, unit: Features) -> str:
+        """Where a non-finite loss came from (called only after one was seen)."""
+        with torch.no_grad():
+            feats = self._as_features(unit)
+            parts = []
+            for i, f in enumerate(feats):
+                if not bool(torch.isfinite(f).all()):
+                    parts.append(f"backbone features of scale {i} hold NaN/Inf")
+                    continue
+                z, ljd = self.flows[i](self.norms[i](f))
+                if not bool(torch.isfinite(z).all()):
+                    parts.append(f"flow output z of scale {i} holds NaN/Inf")
+                if not bool(torch.isfinite(ljd).all()):
+                    parts.append(f"log-det of scale {i} holds NaN/Inf")
+                b = self.bases[i]
+                if not (bool(torch.isfinite(b.mu).all()) and bool(torch.isfinite(b.log_sigma).all())):
+                    parts.append(f"base of scale {i} (mu/log sigma) holds NaN/Inf")
+            return "; ".join(parts) or "features, z, log-dets and base are finite (overflow in the sum)"
+
+    # ------------------------------------------------------------------ anomaly maps
+    @torch.no_grad()
+    def anomaly_map(self, x: Union[Tensor, Features]) -> Tuple[Tensor, Tensor]:
+        """(maps (B, H, W) float32, scores (B,)): per scale -exp(mean over channels of log p(z)
+        without the constant), bilinear upsampling (align_corners=False) to the input size, mean
+        over scales; the score is the max of the map (SPEC 3)."""
+        out_size = tuple(x.shape[-2:]) if torch.is_tensor(x) else self.image_size
+        out = self(x)
+        maps = []
+        for z, lpp in zip(out.z, out.logp_pixel):
+            C = z.shape[1]
+            mean_logp = lpp.float() / C + 0.5 * LOG_2PI     # mean over channels, constant dropped
+            m = -torch.exp(mean_logp).unsqueeze(1)
+            maps.append(F.interpolate(m, size=out_size, mode="bilinear", align_corners=False))
+        amap = torch.stack(maps, dim=-1).mean(dim=-1).squeeze(1).float()
+        if self.check_finite and not bool(torch.isfinite(amap).all()):
+            raise NonFiniteError("FastFlow anomaly map holds NaN/Inf: " + self.diagnose_nonfinite(self._as_features(x)))
+        return amap, amap.flatten(1).amax(dim=1)
+
+    # predict() protocol: per-batch parts, then one combination (FastFlow's maps are per image).
+    def partial_anomaly_map(self, x: Union[Tensor, Features]) -> Tuple[Tensor, Tensor]:
+        return self.anomaly_map(x)
+
+    @staticmethod
+    def combine_anomaly_maps(parts: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        maps = torch.cat([p[0].cpu() for p in parts])
+        return maps, maps.flatten(1).amax(dim=1)
