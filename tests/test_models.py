@@ -274,3 +274,27 @@ def test_custom_feature_extractor():
     m = FastFlow(_Identity3(), image_size=8, flow_steps=2, hidden_ratio=2.0)
     out = m(torch.randn(2, 3, 8, 8))
     assert out.z[0].shape == (2, 3, 8, 8) and torch.isfinite(out.loss)
+
+
+def test_fastflow_with_freias_block_matches_ours():
+    """block="freia" builds the same model from FrEIA 0.2's blocks: same seed, same numbers."""
+    pytest.importorskip("FrEIA")
+    import numpy as np
+    from altub_fast.models import FastFlow
+    outs = []
+    for block in ("altub", "freia"):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        m = FastFlow("resnet18", pretrained=False, image_size=64, flow_steps=2, block=block).eval()
+        if block == "altub":
+            sd = m.state_dict()
+        else:
+            m.load_state_dict(sd)
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = m(x)
+            outs.append((out.loss, m.anomaly_map(x)[0]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="block must be one of"):
+        FastFlow("resnet18", pretrained=False, image_size=64, block="nope")

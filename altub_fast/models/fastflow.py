@@ -53,15 +53,40 @@ class ConvSubnet:
                              nn.Conv2d(hidden, c_out, k, padding=p))
 
 
+BLOCKS = ("altub", "freia")
+
+
+def block_class(block: str = "altub", clamp_mode: str = "legacy", impl: Optional[str] = None):
+    """The AllInOneBlock class to build flows from and its extra keywords.
+
+    "altub": altub_fast's block (fused post-subnet step, gather permutation). "freia": FrEIA 0.2's
+    own block (the reference implementation FastFlow, CFLOW-AD and anomalib use; a dev dependency),
+    for side-by-side comparisons: same seed, same initial weights, same maths.
+    """
+    if block == "altub":
+        return AllInOneBlock, dict(clamp_mode=clamp_mode, impl=impl)
+    if block == "freia":
+        try:
+            from FrEIA.modules import AllInOneBlock as FrEIABlock
+        except ImportError as e:
+            raise ImportError("block='freia' needs FrEIA 0.2 (pip install FrEIA==0.2)") from e
+        if clamp_mode != "legacy":
+            raise ValueError(f"FrEIA 0.2's block only has the legacy clamp, not clamp_mode={clamp_mode!r}")
+        return FrEIABlock, {}
+    raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+
+
 def fastflow_flow(shape: Tuple[int, int, int], flow_steps: int, hidden_ratio: float, conv3x3_only: bool,
-                  clamp: float = 2.0, clamp_mode: str = "legacy", impl: Optional[str] = None) -> SequenceINN:
+                  clamp: float = 2.0, clamp_mode: str = "legacy", impl: Optional[str] = None,
+                  block: str = "altub") -> SequenceINN:
     """One scale's flow: ``flow_steps`` AllInOneBlocks, hard permutation, SOFTPLUS global affine;
     k = 3 on even steps, 1 on odd steps unless ``conv3x3_only``."""
+    cls, extra = block_class(block, clamp_mode, impl)
     flow = SequenceINN(*shape)
     for i in range(flow_steps):
         k = 1 if (i % 2 == 1 and not conv3x3_only) else 3
-        flow.append(AllInOneBlock, subnet_constructor=ConvSubnet(k, hidden_ratio), affine_clamping=clamp,
-                    global_affine_type="SOFTPLUS", permute_soft=False, clamp_mode=clamp_mode, impl=impl)
+        flow.append(cls, subnet_constructor=ConvSubnet(k, hidden_ratio), affine_clamping=clamp,
+                    global_affine_type="SOFTPLUS", permute_soft=False, **extra)
     return flow
 
 
@@ -87,6 +112,7 @@ class FastFlow(nn.Module):
       clamp: affine clamping (2.0); clamp_mode: see :class:`AllInOneBlock`.
       out_indices: timm stages for CNNs (default (1, 2, 3)); vit_block_index: for transformers.
       impl: implementation switch passed to every block (None: ``ALTUB_FAST_IMPL``).
+      block: "altub" (default) or "freia" (FrEIA 0.2's AllInOneBlock, the reference, for comparisons).
       check_finite: raise :class:`NonFiniteError` on NaN/Inf in the loss or the maps.
 
     ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
@@ -102,8 +128,9 @@ class FastFlow(nn.Module):
                  flow_steps: Optional[int] = None, hidden_ratio: Optional[float] = None,
                  conv3x3_only: Optional[bool] = None, clamp: float = 2.0, clamp_mode: str = "legacy",
                  out_indices: Optional[Sequence[int]] = None, vit_block_index: Optional[int] = None,
-                 impl: Optional[str] = None, check_finite: bool = True):
+                 impl: Optional[str] = None, block: str = "altub", check_finite: bool = True):
         super().__init__()
+        block_class(block, clamp_mode, impl)  # validate before building the backbone
         self.image_size = as_hw(image_size)
         if isinstance(backbone, FeatureExtractor):
             self.backbone = backbone
@@ -125,14 +152,15 @@ class FastFlow(nn.Module):
         self.norms = nn.ModuleList([nn.Identity() if vit else nn.LayerNorm(list(s), elementwise_affine=True)
                                     for s in self.feature_shapes])
         self.flows = nn.ModuleList([fastflow_flow(s, self.flow_steps, self.hidden_ratio, self.conv3x3_only,
-                                                  clamp=self.clamp, clamp_mode=clamp_mode, impl=impl)
+                                                  clamp=self.clamp, clamp_mode=clamp_mode, impl=impl,
+                                                  block=block)
                                     for s in self.feature_shapes])
         self.bases = nn.ModuleList([LearnableGaussian(s[0], learnable=self.altub) for s in self.feature_shapes])
         self.config = dict(name=self.model_name, backbone=name, image_size=list(self.image_size),
                            pretrained=pretrained, weights=weights, altub=self.altub, flow_steps=self.flow_steps,
                            hidden_ratio=self.hidden_ratio, conv3x3_only=self.conv3x3_only, clamp=self.clamp,
                            clamp_mode=clamp_mode, out_indices=list(out_indices) if out_indices is not None else None,
-                           vit_block_index=vit_block_index, impl=impl,
+                           vit_block_index=vit_block_index, impl=impl, block=block,
                            backbone_weights_origin=self.backbone.weights_origin)
 
     # ------------------------------------------------------------------ parameter groups

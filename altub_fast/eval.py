@@ -1,0 +1,321 @@
+"""Train (or load) a flow on one MVTec AD category and score its test split.
+
+    python -m altub_fast.eval --category carpet                 # MVTec AD from --data-root / $MVTEC_ROOT
+    python -m altub_fast.eval --synthetic                       # the built-in synthetic carpet, offline
+    python -m altub_fast.eval --category carpet --download      # fetch MVTec AD first (CC BY-NC-SA 4.0)
+    altub-fast eval ...                                         # the same, as an installed command
+
+Prints a table (image AUROC, pixel AUROC, AUPRO, training and inference images/s, backbone,
+weights, implementation) and writes ``results.json``, anomaly-map overlays and ROC curves (PNG)
+to the output folder. ``--compare-reference`` trains the reference implementation on the same data
+and seed as well and reports both side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+DEFAULT_MVTEC_ROOT = "./data/mvtec"
+SYNTHETIC_CATEGORY = "carpet_synthetic"
+EXIT_USAGE = 2
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ALTUB_FAST_CACHE", Path.home() / ".cache" / "altub_fast"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m altub_fast.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--category", default=None, help="MVTec AD category (e.g. carpet), or any folder name under "
+                   "the data root in MVTec AD layout (default: carpet; carpet_synthetic with --synthetic)")
+    d.add_argument("--data-root", default=None, help=f"folder holding <category>/ (default: $MVTEC_ROOT or "
+                   f"{DEFAULT_MVTEC_ROOT}; with --synthetic: $ALTUB_FAST_CACHE/synthetic)")
+    d.add_argument("--download", action="store_true", help="download the MVTec AD category first (about 4.9 GB "
+                   "archive; licence CC BY-NC-SA 4.0, non-commercial)")
+    d.add_argument("--synthetic", action="store_true", help="use the synthetic carpet generated from --seed "
+                   "(no download; efficientnet_lite0 backbone by default)")
+    d.add_argument("--image-size", type=int, default=256)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=("fastflow", "cflow"), default="fastflow")
+    m.add_argument("--backbone", default=None, help="timm backbone or efficientnet_lite0 (default: "
+                   "wide_resnet50_2; efficientnet_lite0 with --synthetic)")
+    m.add_argument("--weights", default=None, help="local backbone state_dict file, for machines without network")
+    m.add_argument("--no-pretrained", action="store_true", help="random backbone weights (for testing only)")
+    m.add_argument("--no-altub", action="store_true", help="baseline: fixed N(0, I) base instead of AltUB's")
+    m.add_argument("--flow-steps", type=int, default=None, help="blocks per flow (default: the model's)")
+    m.add_argument("--checkpoint", default=None, help="load a trained checkpoint instead of training")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None, help="default 100 (10 with --synthetic)")
+    t.add_argument("--batch-size", type=int, default=None, help="default 32 (FastFlow) / fiber batch 256 (CFLOW-AD)")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/<run>/last.pt if present")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    r.add_argument("--impl", choices=("auto", "triton", "torch"), default=None,
+                   help="fused-kernel implementation (default: $ALTUB_FAST_IMPL or auto)")
+    r.add_argument("--compare-reference", action="store_true",
+                   help="also train the reference implementation (FrEIA 0.2's AllInOneBlock for FastFlow, the "
+                        "plain PyTorch path for CFLOW-AD) on the same data and seed; report both")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<category>-<model>)")
+    r.add_argument("--num-overlays", type=int, default=8)
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def missing_data_message(root: Path, category: str, where: str) -> str:
+    return (f"no data for category {category!r}: looked for {root / category} (data root {root}, from {where}).\n"
+            f"  - Get MVTec AD: python -m altub_fast.eval --category {category} --data-root {root} --download\n"
+            f"    (one 4.9 GB archive from MVTec, licence CC BY-NC-SA 4.0: non-commercial use, cite MVTec)\n"
+            f"  - or point --data-root / $MVTEC_ROOT at a folder holding {category}/train/good, {category}/test, "
+            f"{category}/ground_truth\n"
+            f"  - or run the whole pipeline on the built-in synthetic carpet: python -m altub_fast.eval --synthetic")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _implementation_used(before: Dict[str, int]) -> str:
+    from . import functional
+    ran = {k: v - before.get(k, 0) for k, v in functional.CALLS.items() if v - before.get(k, 0) > 0}
+    kinds = sorted({k.split(":")[1] for k in ran if k.startswith("coupling")})
+    if not kinds:
+        return "freia-0.2 (dense permutation)"
+    return "+".join("triton (fused kernels)" if k == "triton" else "torch (unfused, gather permutation)"
+                    for k in kinds)
+
+
+def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[str], block: str,
+            out_dir: Path) -> dict:
+    """Train (or load) one model and score the test set; returns the result record."""
+    import torch
+
+    from . import functional
+    from .metrics import compute_all
+    from .models import build_model
+    from .train import AltUBTrainer, load_model, predict
+
+    seed_everything(args.seed)
+    calls_before = dict(functional.CALLS)
+    kw = dict(impl=impl)
+    if args.model == "fastflow":
+        kw["block"] = block
+    if args.flow_steps is not None:
+        kw["flow_steps" if args.model == "fastflow" else "coupling_blocks"] = args.flow_steps
+    history: List[dict] = []
+    train_s = 0.0
+    if args.checkpoint:
+        model = load_model(args.checkpoint, device=device)
+    else:
+        model = build_model(args.model, args.backbone, pretrained=not args.no_pretrained, weights=args.weights,
+                            altub=not args.no_altub, image_size=args.image_size, **kw)
+        ckpt_dir = out_dir / "checkpoints" / label
+        opts = dict(epochs=args.epochs, seed=args.seed, device=device, checkpoint_dir=str(ckpt_dir),
+                    progress=not args.quiet, amp=args.amp, log_jsonl=str(out_dir / f"train_log_{label}.jsonl"))
+        if args.batch_size:
+            opts["batch_size"] = args.batch_size
+        if args.lr:
+            opts["lr"] = args.lr
+        trainer = AltUBTrainer(model, train_ds, **opts)
+        last = ckpt_dir / "last.pt"
+        if args.resume and last.exists():
+            trainer.load_checkpoint(str(last))
+            print(f"[{label}] resumed from {last} at epoch {trainer.epoch}")
+        t0 = time.perf_counter()
+        epochs_before = trainer.epoch
+        history = trainer.fit(args.epochs)
+        train_s = time.perf_counter() - t0
+        trained_images = len(train_ds) * max(0, args.epochs - epochs_before)
+    t0 = time.perf_counter()
+    res = predict(model, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
+                  amp=args.amp)
+    infer_s = time.perf_counter() - t0
+    if res["masks"] is None or res["labels"] is None:
+        raise RuntimeError("the test set gave no masks/labels")
+    metrics = compute_all(res["maps"], res["masks"], res["labels"])
+    backbone = model.backbone
+    record = {
+        "label": label,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "train_seconds": train_s,
+        "train_images_per_s": (trained_images / train_s) if (not args.checkpoint and train_s > 0) else None,
+        "inference_seconds": infer_s,
+        "inference_images_per_s": len(test_ds) / infer_s if infer_s > 0 else None,
+        "backbone": backbone.name,
+        "weights": backbone.weights_origin,
+        "implementation": _implementation_used(calls_before),
+        "block": block if args.model == "fastflow" else "altub",
+        "altub": bool(getattr(model, "altub", False)),
+        "epochs": args.epochs if not args.checkpoint else None,
+        "checkpoint": args.checkpoint or str(out_dir / "checkpoints" / label / "last.pt"),
+        "final_epoch_log": history[-1] if history else None,
+    }
+    record["_predictions"] = res
+    return record
+
+
+def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
+    import torch
+
+    from .viz import save_overlays, save_roc_curves
+
+    res = record["_predictions"]
+    written = []
+    roc = out_dir / f"roc_{record['label']}.png"
+    save_roc_curves(res["scores"], res["labels"], res["maps"], res["masks"], str(roc))
+    written.append(str(roc))
+    if n > 0:
+        # the highest-scoring defective images and the highest-scoring good ones (likely false alarms)
+        order = torch.argsort(res["scores"], descending=True).tolist()
+        bad = [i for i in order if int(res["labels"][i]) == 1][: (n + 1) // 2]
+        good = [i for i in order if int(res["labels"][i]) == 0][: n // 2]
+        idx = bad + good
+        images = torch.stack([test_ds[i]["image"] for i in idx])
+        paths = [res["paths"][i] if res["paths"] else f"image_{i}" for i in idx]
+        files = save_overlays(images, res["maps"][idx], res["masks"][idx], paths,
+                              str(out_dir / f"overlays_{record['label']}"))
+        written += [str(f) for f in (files or [])]
+    return written
+
+
+def format_table(records: List[dict]) -> str:
+    rows = [("", *[r["label"] for r in records])]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    rows += [
+        ("image AUROC", *[fmt(r["metrics"]["image_auroc"], ".4f") for r in records]),
+        ("pixel AUROC", *[fmt(r["metrics"]["pixel_auroc"], ".4f") for r in records]),
+        ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f") for r in records]),
+        ("train images/s", *[fmt(r["train_images_per_s"], ".1f") for r in records]),
+        ("inference images/s", *[fmt(r["inference_images_per_s"], ".1f") for r in records]),
+        ("backbone", *[r["backbone"] for r in records]),
+        ("weights", *[r["weights"] for r in records]),
+        ("implementation", *[r["implementation"] for r in records]),
+        ("base", *["AltUB N(mu, sigma^2)" if r["altub"] else "fixed N(0, I)" for r in records]),
+    ]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.synthetic and args.download:
+        return _fail("--synthetic and --download exclude each other")
+    if args.epochs is None:
+        args.epochs = 10 if args.synthetic else 100
+    if args.epochs < 1:
+        return _fail(f"--epochs must be at least 1, got {args.epochs}")
+    if args.image_size < 32:
+        return _fail(f"--image-size must be at least 32, got {args.image_size}")
+    if args.synthetic:
+        args.category = args.category or SYNTHETIC_CATEGORY
+        args.backbone = args.backbone or "efficientnet_lite0"
+        where = "--data-root" if args.data_root else "$ALTUB_FAST_CACHE/synthetic"
+        root = Path(args.data_root or _cache_dir() / "synthetic")
+    else:
+        args.category = args.category or "carpet"
+        if args.data_root:
+            root, where = Path(args.data_root), "--data-root"
+        elif os.environ.get("MVTEC_ROOT"):
+            root, where = Path(os.environ["MVTEC_ROOT"]), "$MVTEC_ROOT"
+        else:
+            root, where = Path(DEFAULT_MVTEC_ROOT), "the default"
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        return _fail(f"checkpoint {args.checkpoint} does not exist")
+    if args.weights and not Path(args.weights).is_file():
+        return _fail(f"weights file {args.weights} does not exist")
+
+    import torch
+
+    from .data import DatasetError, MVTecAD, MVTEC_CATEGORIES, download_category, make_synthetic_carpet
+    from .models import BackboneWeightsError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return _fail(f"--device {device} was asked for but torch sees no CUDA device")
+    try:
+        if args.synthetic:
+            make_synthetic_carpet(root, seed=args.seed, category=args.category)
+        elif args.download:
+            if args.category not in MVTEC_CATEGORIES:
+                return _fail(f"--download fetches MVTec AD categories ({', '.join(MVTEC_CATEGORIES)}), "
+                             f"not {args.category!r}")
+            download_category(root, args.category)
+        if not (root / args.category).is_dir():
+            print(missing_data_message(root, args.category, where), file=sys.stderr)
+            return EXIT_USAGE
+        train_ds = MVTecAD(root, args.category, split="train", image_size=args.image_size)
+        test_ds = MVTecAD(root, args.category, split="test", image_size=args.image_size)
+    except DatasetError as e:
+        return _fail(str(e))
+
+    out_dir = Path(args.out or Path("runs") / f"{args.category}-{args.model}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [("altub_fast", args.impl, "altub")]
+    if args.compare_reference:
+        if args.model == "fastflow":
+            try:
+                import FrEIA  # noqa: F401
+                runs.append(("reference", None, "freia"))
+            except ImportError:
+                runs.append(("reference", "torch", "altub"))
+        else:
+            runs.append(("reference", "torch", "altub"))
+    print(f"altub_fast eval: {args.model} on {root / args.category} ({len(train_ds)} train, {len(test_ds)} test "
+          f"images at {args.image_size}px), {args.epochs} epochs, seed {args.seed}, device {device}")
+    records = []
+    try:
+        for label, impl, block in runs:
+            rec = run_one(args, label, train_ds=train_ds, test_ds=test_ds, device=device, impl=impl, block=block,
+                          out_dir=out_dir)
+            rec["files"] = write_pngs(rec, test_ds, out_dir, args.num_overlays)
+            records.append(rec)
+    except BackboneWeightsError as e:
+        return _fail(str(e))
+    except DatasetError as e:
+        return _fail(str(e))
+
+    table = format_table(records)
+    results = {
+        "command": " ".join(["python -m altub_fast.eval", *(argv if argv is not None else sys.argv[1:])]),
+        "category": args.category, "data_root": str(root), "synthetic": args.synthetic, "model": args.model,
+        "image_size": args.image_size, "epochs": args.epochs, "seed": args.seed, "device": device,
+        "torch": torch.__version__, "n_train": len(train_ds), "n_test": len(test_ds),
+        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],
+    }
+    if len(records) == 2:
+        results["difference"] = {k: records[0]["metrics"][k] - records[1]["metrics"][k]
+                                 for k in records[0]["metrics"]}
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out_dir / "results.json")
+    print()
+    print(table)
+    print(f"\nwrote {out_dir / 'results.json'}, ROC curves and overlays under {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
