@@ -1,0 +1,76 @@
+"""The AUROC side of the comparison: train altub_fast and the reference implementation (FrEIA
+0.2's AllInOneBlock, dense permutation) on the same data and seed, score both, and require the
+image and pixel AUROC to agree within 0.002.
+
+Timed (``pytest --benchmark-only``): the synthetic carpet and the real
+``shared/data/magnetic_tile`` (the whole category), at 256 px for 10 epochs, with FastFlow on the
+offline efficientnet_lite0 backbone. A plain ``pytest`` runs the synthetic case
+at 64 px for 1 epoch as a smoke test. The metrics go to ``extra_info``; the time is one whole
+train-and-score run of the altub_fast model.
+"""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from _common import DEVICE
+
+from altub_fast import eval as cli
+from altub_fast.data import MVTecAD, make_synthetic_carpet
+
+pytest.importorskip("FrEIA", reason="FrEIA==0.2 is a dev dependency")
+
+FULL = pytest.mark.full_benchmark
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TOLERANCE = 0.002
+
+
+def _args(**kw):
+    base = dict(model="fastflow", backbone="efficientnet_lite0", weights=None, no_pretrained=False, no_altub=False,
+                flow_steps=None, checkpoint=None, epochs=1, batch_size=None, lr=None, seed=0, resume=False,
+                amp=False, quiet=True, image_size=256)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", pytest.param("magnetic_tile", marks=FULL)])
+def test_auroc_agrees_with_reference(benchmark, dataset, tmp_path):
+    tiny = benchmark.disabled
+    if dataset == "synthetic":
+        root = tmp_path / "data"
+        if tiny:
+            make_synthetic_carpet(root, seed=0, n_train=12, n_test_good=6, n_test_defect=2, size=64)
+        else:
+            make_synthetic_carpet(root, seed=0)
+        category = "carpet_synthetic"
+        args = _args(image_size=64 if tiny else 256, epochs=1 if tiny else 10, flow_steps=2 if tiny else None)
+    else:
+        root = Path(os.environ.get("ALTUB_FAST_SHARED_DATA", SHARED))
+        if not (root / "magnetic_tile").is_dir():
+            pytest.skip(f"magnetic_tile not found under {root} (set ALTUB_FAST_SHARED_DATA)")
+        category = "magnetic_tile"
+        args = _args(image_size=256, epochs=10)
+    train_ds = MVTecAD(root, category, split="train", image_size=args.image_size)
+    test_ds = MVTecAD(root, category, split="test", image_size=args.image_size)
+    records = {}
+
+    def run(label, block):
+        records[label] = cli.run_one(args, label, train_ds=train_ds, test_ds=test_ds, device=str(DEVICE),
+                                     impl=None, block=block, out_dir=tmp_path / "out")
+    if tiny:
+        benchmark(lambda: run("altub_fast", "altub"))
+    else:
+        benchmark.pedantic(lambda: run("altub_fast", "altub"), rounds=1, iterations=1)
+    run("reference", "freia")
+    ours, ref = records["altub_fast"]["metrics"], records["reference"]["metrics"]
+    benchmark.extra_info.update(
+        provider="altub", level="auroc", dataset=dataset, epochs=args.epochs, image_size=args.image_size,
+        device=str(DEVICE), altub_fast=ours, reference=ref,
+        train_images_per_s={k: r["train_images_per_s"] for k, r in records.items()},
+        inference_images_per_s={k: r["inference_images_per_s"] for k, r in records.items()})
+    for k in ("image_auroc", "pixel_auroc"):
+        assert abs(ours[k] - ref[k]) <= TOLERANCE, (k, ours[k], ref[k])
+    if not tiny:
+        assert ours["pixel_auroc"] > 0.6, "a real backbone should be clearly above chance"
