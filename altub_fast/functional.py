@@ -52,10 +52,13 @@ def triton_unavailable_reason(*tensors: Tensor) -> Optional[str]:
         return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not on {t.device.type}"
     if any(x.device != t.device for x in tensors):
         return "the tensors are on different devices: " + ", ".join(sorted({str(x.device) for x in tensors}))
-    if t.dtype not in KERNEL_DTYPES:
-        return f"the kernels take float32, float16 and bfloat16, not {t.dtype}"
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        return "Triton's interpreter cannot do bfloat16 arithmetic (bfloat16 runs on CUDA only)"
+    for x in tensors:
+        if x.dtype not in KERNEL_DTYPES:
+            return f"the kernels take float32, float16 and bfloat16, not {x.dtype}"
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            return "Triton's interpreter cannot do bfloat16 arithmetic (bfloat16 runs on CUDA only)"
+    if not hasattr(torch.library, "custom_op"):
+        return f"the kernels' autograd needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}"
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine

@@ -340,3 +340,14 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
             functional.resolve_impl("triton", torch.zeros(1))
         assert functional.resolve_impl("auto", torch.zeros(1)) == "torch"
+
+
+def test_auto_falls_back_on_any_unsupported_dtype(monkeypatch):
+    from altub_fast import functional
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x32, a64 = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.float64)
+    assert functional.resolve_impl("auto", x32, a64) == "torch"
+    with pytest.raises(RuntimeError, match="not torch.float64"):
+        functional.resolve_impl("triton", x32, a64)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        functional.resolve_impl("triton", x32, x32.bfloat16())
