@@ -69,6 +69,19 @@ def check_finite(t: Tensor, what: str) -> None:
                              f"(shape {tuple(t.shape)}, dtype {t.dtype})")
 
 
+def nonfinite_flow_parts(where: str, z: Tensor, log_jac_det: Tensor, base) -> List[str]:
+    """Which of a flow's outputs and base parameters hold NaN/Inf, as phrases naming ``where``
+    (e.g. "scale 1"); used to explain a non-finite loss or map."""
+    parts = []
+    if not bool(torch.isfinite(z).all()):
+        parts.append(f"flow output z of {where} holds NaN/Inf")
+    if not bool(torch.isfinite(log_jac_det).all()):
+        parts.append(f"log-det of {where} holds NaN/Inf")
+    if not (bool(torch.isfinite(base.mu).all()) and bool(torch.isfinite(base.log_sigma).all())):
+        parts.append(f"base of {where} (mu/log sigma) holds NaN/Inf")
+    return parts
+
+
 def images_from_batch(batch) -> Tensor:
     """The image tensor of a batch: a dict's ``"image"``, a tuple/list's first item, or a tensor."""
     if torch.is_tensor(batch):

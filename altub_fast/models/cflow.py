@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from .backbones import (EFFICIENTNET_LITE0, FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name,
-                        build_backbone, is_vit_name)
+                        build_backbone, is_vit_name, nonfinite_flow_parts)
 
 Features = Union[List[Tensor], Tuple[Tensor, ...]]
 FiberUnit = Tuple[int, Tensor, Tensor]   # (layer, fibers (N, C), conditions (N, P))
@@ -232,14 +232,7 @@ class CFlow(nn.Module):
             if not bool(torch.isfinite(e).all()):
                 return f"backbone features (fibers) of layer {layer} hold NaN/Inf"
             z, ljd = self.decoders[layer](e, [c])
-            parts = []
-            if not bool(torch.isfinite(z).all()):
-                parts.append(f"flow output z of layer {layer} holds NaN/Inf")
-            if not bool(torch.isfinite(ljd).all()):
-                parts.append(f"log-det of layer {layer} holds NaN/Inf")
-            b = self.bases[layer]
-            if not (bool(torch.isfinite(b.mu).all()) and bool(torch.isfinite(b.log_sigma).all())):
-                parts.append(f"base of layer {layer} (mu/log sigma) holds NaN/Inf")
+            parts = nonfinite_flow_parts(f"layer {layer}", z, ljd, self.bases[layer])
             return "; ".join(parts) or "features, z, log-dets and base are finite (overflow in the sum)"
 
     # ------------------------------------------------------------------ scoring

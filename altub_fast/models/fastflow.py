@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from ..reference import LOG_2PI
-from .backbones import FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone
+from .backbones import (FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone,
+                        nonfinite_flow_parts)
 
 #: Per-backbone defaults (gathierry/FastFlow and anomalib's configurations).
 FASTFLOW_DEFAULTS: Dict[str, dict] = {
@@ -261,13 +262,7 @@ class FastFlow(nn.Module):
                     parts.append(f"backbone features of scale {i} hold NaN/Inf")
                     continue
                 z, ljd = self.flows[i](self.norms[i](f))
-                if not bool(torch.isfinite(z).all()):
-                    parts.append(f"flow output z of scale {i} holds NaN/Inf")
-                if not bool(torch.isfinite(ljd).all()):
-                    parts.append(f"log-det of scale {i} holds NaN/Inf")
-                b = self.bases[i]
-                if not (bool(torch.isfinite(b.mu).all()) and bool(torch.isfinite(b.log_sigma).all())):
-                    parts.append(f"base of scale {i} (mu/log sigma) holds NaN/Inf")
+                parts += nonfinite_flow_parts(f"scale {i}", z, ljd, self.bases[i])
             return "; ".join(parts) or "features, z, log-dets and base are finite (overflow in the sum)"
 
     # ------------------------------------------------------------------ anomaly maps
