@@ -6,6 +6,7 @@ so everything that is not a kernel test runs the reference (ALTUB_FAST_IMPL=torc
 caller set it); the kernel tests ask for impl="triton" explicitly.
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,23 @@ TOLERANCES = {
 @pytest.fixture
 def tol():
     return TOLERANCES
+
+
+def shared_data_root():
+    """The shared data folder (holding magnetic_tile/): $ALTUB_FAST_SHARED_DATA, else shared/data
+    beside the repository (where the developers' machines and CI put it)."""
+    for cand in (os.environ.get("ALTUB_FAST_SHARED_DATA"), Path(__file__).resolve().parent.parent / "shared" / "data"):
+        if cand and (Path(cand) / "magnetic_tile").is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    root = shared_data_root()
+    if root is None:
+        pytest.skip("shared/data/magnetic_tile not found beside the repository (set ALTUB_FAST_SHARED_DATA)")
+    return root
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,6 @@ offline efficientnet_lite0 backbone. A plain ``pytest`` runs the synthetic case
 at 64 px for 1 epoch as a smoke test. The metrics go to ``extra_info``; the time is one whole
 train-and-score run of the altub_fast model.
 """
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +21,6 @@ from altub_fast.data import MVTecAD, make_synthetic_carpet
 pytest.importorskip("FrEIA", reason="FrEIA==0.2 is a dev dependency")
 
 FULL = pytest.mark.full_benchmark
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOLERANCE = 0.002
 
 
@@ -36,7 +33,7 @@ def _args(**kw):
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", pytest.param("magnetic_tile", marks=FULL)])
-def test_auroc_agrees_with_reference(benchmark, dataset, tmp_path):
+def test_auroc_agrees_with_reference(benchmark, dataset, tmp_path, request):
     tiny = benchmark.disabled
     if dataset == "synthetic":
         root = tmp_path / "data"
@@ -47,9 +44,7 @@ def test_auroc_agrees_with_reference(benchmark, dataset, tmp_path):
         category = "carpet_synthetic"
         args = _args(image_size=64 if tiny else 256, epochs=1 if tiny else 10, flow_steps=2 if tiny else None)
     else:
-        root = Path(os.environ.get("ALTUB_FAST_SHARED_DATA", SHARED))
-        if not (root / "magnetic_tile").is_dir():
-            pytest.skip(f"magnetic_tile not found under {root} (set ALTUB_FAST_SHARED_DATA)")
+        root = request.getfixturevalue("shared_data")
         category = "magnetic_tile"
         args = _args(image_size=256, epochs=10)
     train_ds = MVTecAD(root, category, split="train", image_size=args.image_size)

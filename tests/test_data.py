@@ -18,9 +18,6 @@ from altub_fast.data import (
     denormalize,
 )
 
-MAGNETIC_ROOT = Path("/work/shared/data")
-
-
 def _save(path: Path, array: np.ndarray, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **kwargs)
@@ -178,8 +175,8 @@ def test_bad_arguments(root: Path) -> None:
         MVTecAD(root, "widget", image_size=0)
 
 
-@pytest.mark.skipif(not (MAGNETIC_ROOT / "magnetic_tile").is_dir(), reason="magnetic_tile not present")
-def test_magnetic_tile_loads_unchanged() -> None:
+def test_magnetic_tile_loads_unchanged(shared_data) -> None:
+    MAGNETIC_ROOT = shared_data
     assert "magnetic_tile" in MVTecAD.categories(MAGNETIC_ROOT)
     train = MVTecAD(MAGNETIC_ROOT, "magnetic_tile", "train", image_size=64)
     test = MVTecAD(MAGNETIC_ROOT, "magnetic_tile", "test", image_size=64)
