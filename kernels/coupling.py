@@ -48,6 +48,21 @@ def _pixel_offsets(pid_p, N, BLOCK_P: tl.constexpr, P):
 
 
 @triton.jit
+def _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One chunk of output channels i of group pid_g: (i, its mask, the source channel j = perm[i],
+    whether j is a transformed channel, and k = j - C1, its index among the transformed ones)."""
+    i = pid_g * CPG + c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = i < C
+    if HAS_PERM:
+        j = tl.load(perm_ptr + i, mask=cmask, other=0)
+    else:
+        j = i
+    active = cmask & (j >= C1)
+    k = tl.where(active, j - C1, 0)
+    return i, cmask, j, active, k
+
+
+@triton.jit
 def _coupling_gin_stats_kernel(
     part_ptr,
     a_ptr,
@@ -114,14 +129,7 @@ def _coupling_fwd_kernel(
     ld = tl.zeros([BLOCK_P], dtype=tl.float32)
     lp_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
-        i = pid_g * CPG + c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = i < C
-        if HAS_PERM:
-            j = tl.load(perm_ptr + i, mask=cmask, other=0)
-        else:
-            j = i
-        active = cmask & (j >= C1)
-        k = tl.where(active, j - C1, 0)
+        i, cmask, j, active, k = _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM, BLOCK_C)
         mask = cmask[:, None] & pmask[None, :]
         amask = active[:, None] & pmask[None, :]
         xv = tl.load(x_ptr + x_pix[None, :] + j[:, None] * N, mask=mask, other=0.0).to(tl.float32)
@@ -225,14 +233,7 @@ def _coupling_bwd_kernel(
             GIN, LOGLIK, GIN_PHASE, BLOCK_P)
     gs_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
-        i = pid_g * CPG + c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = i < C
-        if HAS_PERM:
-            j = tl.load(perm_ptr + i, mask=cmask, other=0)
-        else:
-            j = i
-        active = cmask & (j >= C1)
-        k = tl.where(active, j - C1, 0)
+        i, cmask, j, active, k = _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM, BLOCK_C)
         if GIN:
             psi = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
         else:
