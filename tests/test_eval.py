@@ -102,3 +102,16 @@ def test_entry_points(capsys):
     proc = subprocess.run([sys.executable, "-m", "altub_fast.eval", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--compare-reference" in proc.stdout
+
+
+def test_missing_backbone_weights_names_the_ways_out(tmp_path, capsys, monkeypatch):
+    from altub_fast.models import BackboneWeightsError
+
+    def no_weights(*a, **k):
+        raise BackboneWeightsError("could not get the ImageNet weights of backbone 'resnet18' (simulated: no network)")
+    monkeypatch.setattr(cli, "run_one", no_weights)
+    code = cli.main(["--synthetic", "--data-root", str(tmp_path / "d"), "--backbone", "resnet18", "--image-size", "64",
+                     "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet18" in err and "--weights PATH" in err and "efficientnet_lite0" in err
