@@ -115,3 +115,15 @@ def test_missing_backbone_weights_names_the_ways_out(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 2
     assert "resnet18" in err and "--weights PATH" in err and "efficientnet_lite0" in err
+
+
+def test_cflow_through_the_cli(tmp_path):
+    code = cli.main(["--synthetic", "--model", "cflow", "--data-root", str(tmp_path / "d"), "--image-size", "64",
+                     "--epochs", "1", "--flow-steps", "2", "--num-overlays", "1", "--out", str(tmp_path / "o"),
+                     "--quiet"])
+    assert code == 0
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["model"] == "cflow"
+    for k in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= run["metrics"][k] <= 1.0
+    assert (tmp_path / "o" / "roc_altub_fast.png").is_file()
