@@ -28,6 +28,7 @@ from torch import Tensor
 from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from .backbones import (EFFICIENTNET_LITE0, FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name,
                         build_backbone, is_vit_name, nonfinite_flow_parts)
+from .common import FlowModel
 
 Features = Union[List[Tensor], Tuple[Tensor, ...]]
 FiberUnit = Tuple[int, Tensor, Tensor]   # (layer, fibers (N, C), conditions (N, P))
@@ -70,7 +71,7 @@ def cflow_decoder(channels: int, condition_dim: int = 128, coupling_blocks: int 
     return flow
 
 
-class CFlow(nn.Module):
+class CFlow(FlowModel):
     """CFLOW-AD with an AltUB base.
 
     Args:
@@ -142,20 +143,7 @@ class CFlow(nn.Module):
     def flow_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.decoders.parameters() if p.requires_grad]
 
-    def base_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.bases.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self, include_backbone: bool = False) -> Dict[str, Tensor]:
-        return {k: v for k, v in self.state_dict().items() if include_backbone or not k.startswith("backbone.")}
-
     # ------------------------------------------------------------------ features and fibers
-    @torch.no_grad()
-    def extract_features(self, images: Tensor) -> List[Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        self.backbone.eval()
-        return self.backbone(images)
-
     def _as_features(self, x: Union[Tensor, Features]) -> List[Tensor]:
         if torch.is_tensor(x):
             return self.extract_features(x)

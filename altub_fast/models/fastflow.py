@@ -21,6 +21,7 @@ from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from ..reference import LOG_2PI
 from .backbones import (FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone,
                         nonfinite_flow_parts)
+from .common import FlowModel
 
 #: Per-backbone defaults (gathierry/FastFlow and anomalib's configurations).
 FASTFLOW_DEFAULTS: Dict[str, dict] = {
@@ -101,7 +102,7 @@ class FastFlowOutput(NamedTuple):
     logp_sample: List[Tensor]    # (B,), base term only
 
 
-class FastFlow(nn.Module):
+class FastFlow(FlowModel):
     """FastFlow with an AltUB base.
 
     Args:
@@ -173,25 +174,9 @@ class FastFlow(nn.Module):
         """theta_flow: coupling subnets, global affine, LayerNorms (trainable ones only)."""
         return [p for m in (self.norms, self.flows) for p in m.parameters() if p.requires_grad]
 
-    def base_parameters(self) -> List[nn.Parameter]:
-        """theta_base: mu and log sigma of every scale (empty when altub=False)."""
-        return [p for p in self.bases.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self, include_backbone: bool = False) -> Dict[str, Tensor]:
-        """Everything but the backbone (which is reproducible from its name and weights)."""
-        return {k: v for k, v in self.state_dict().items() if include_backbone or not k.startswith("backbone.")}
-
     # ------------------------------------------------------------------ features
-    @torch.no_grad()
-    def extract_features(self, images: Tensor) -> List[Tensor]:
-        """The frozen backbone's raw feature maps (before the trainable LayerNorms)."""
-        self._check_images(images)
-        self.backbone.eval()
-        return self.backbone(images)
-
     def _check_images(self, images: Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        super()._check_images(images)
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"this FastFlow was built for {self.image_size[0]}x{self.image_size[1]} inputs "
                              f"(LayerNorm shapes depend on it), got {images.shape[-2]}x{images.shape[-1]}")
