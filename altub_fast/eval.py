@@ -113,8 +113,6 @@ def _implementation_used(before: Dict[str, int]) -> str:
 def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[str], block: str,
             out_dir: Path) -> dict:
     """Train (or load) one model and score the test set; returns the result record."""
-    import torch
-
     from . import functional
     from .metrics import compute_all
     from .models import build_model

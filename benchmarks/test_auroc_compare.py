@@ -11,7 +11,6 @@ train-and-score run of the altub_fast model.
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from _common import DEVICE
 

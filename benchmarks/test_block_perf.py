@@ -11,8 +11,6 @@ loss). Each benchmark checks its output against the reference before timing. Wit
 disabled (a plain ``pytest``) one case per provider runs once at a tiny shape; the other cases and
 the compiled provider (compilation alone takes tens of seconds) are deselected.
 """
-import copy
-
 import numpy as np
 import pytest
 import torch

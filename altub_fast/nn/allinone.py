@@ -13,7 +13,7 @@ jac=True) -> ((z,), log_jac_det)``, same numbers. Differences, all invisible in 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch

@@ -1,7 +1,7 @@
 """FrEIA's SequenceINN, plus a one-call log-likelihood under a base distribution."""
 from __future__ import annotations
 
-from typing import Iterable, List, NamedTuple, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
