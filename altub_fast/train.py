@@ -471,6 +471,21 @@ class AltUBTrainer:
         self._cache = cache
         return cache
 
+    def set_feature_cache(self, features: Sequence[Tensor]) -> None:
+        """Use precomputed backbone features of the whole training set, in dataset order (per
+        scale, (N, C, h, w), as :meth:`build_cache` makes them): runs that share a training set can
+        extract it once. Checked against the dataset's length and the model's scales."""
+        feats = list(features)
+        n = len(self.dataset)
+        if not feats or any(f.dim() < 2 or f.shape[0] != n for f in feats):
+            raise ValueError(f"features must be one (N, ...) tensor per scale with N = {n} (the training set), "
+                             f"got shapes {[tuple(f.shape) for f in feats]}")
+        expected = getattr(self.model, "num_scales", len(feats))
+        if len(feats) != expected:
+            raise ValueError(f"the model has {expected} scales, got features for {len(feats)}")
+        cache_device = torch.device(self.config.cache_device) if self.config.cache_device else self.device
+        self._cache = [f.to(cache_device) for f in feats]
+
     def _feature_batches(self, batches: List[Tensor], epoch: int) -> Iterable[List[Tensor]]:
         if self._cache is not None:
             for idx in batches:

@@ -246,8 +246,8 @@ def run_one(data: Dict[str, Any], arm: str, seed: int, cfg: Dict[str, Any], devi
                            z_stats=True, **schedule)
     # The trainer would run the frozen backbone over the training images once per run (build_cache);
     # the study already holds exactly those features (same backbone, same images, dataset order), so it
-    # hands them over instead. (The trainer has no public setter for its feature cache.)
-    trainer._cache = [f.to(trainer.device) for f in data["train_feats"]]
+    # hands them over instead.
+    trainer.set_feature_cache(data["train_feats"])
     updates_per_epoch = math.ceil(len(data["train_images"]) / cfg["batch_size"])
     warmup_epochs = math.ceil(trainer.schedule.warmup / updates_per_epoch) if trainer.schedule.unit == "step" \
         else trainer.schedule.warmup

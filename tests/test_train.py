@@ -120,6 +120,25 @@ def test_cached_equals_uncached():
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
 
 
+def test_handed_in_feature_cache_equals_built_cache():
+    data = TensorDataset(make_images())
+    a, b = fastflow(seed=3), fastflow(seed=3)
+    ta = AltUBTrainer(a, data, epochs=2, **OPTS)
+    feats = [f.clone() for f in ta.build_cache()]
+    ta.fit()
+    tb = AltUBTrainer(b, data, epochs=2, **OPTS)
+    tb.set_feature_cache(feats)
+    tb.fit()
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    with pytest.raises(ValueError, match="N = 24"):
+        tb.set_feature_cache([f[:5] for f in feats])
+    with pytest.raises(ValueError, match="scales"):
+        tb.set_feature_cache(feats[:1])
+
+
 def test_dataloader_input_uses_its_batch_size():
     loader = DataLoader(TensorDataset(make_images(12)), batch_size=4, shuffle=True)
     tr = AltUBTrainer(fastflow(), loader, epochs=1, progress=False)
