@@ -351,3 +351,14 @@ def test_auto_falls_back_on_any_unsupported_dtype(monkeypatch):
         functional.resolve_impl("triton", x32, a64)
     with pytest.raises(RuntimeError, match="bfloat16"):
         functional.resolve_impl("triton", x32, x32.bfloat16())
+
+
+def test_import_never_touches_triton():
+    """`import altub_fast` (and its models, trainer, data and CLI) must work on a machine without a
+    GPU and never import Triton: the kernels are imported lazily, at their first launch."""
+    import subprocess
+    import sys
+    code = ("import sys, altub_fast, altub_fast.models, altub_fast.train, altub_fast.data, altub_fast.eval, "
+            "altub_fast.metrics; print('triton' in sys.modules, 'altub_fast.kernels.coupling' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
