@@ -63,6 +63,26 @@ def _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM: tl.constexpr, BLOC
 
 
 @triton.jit
+def _coupling_tile(x_ptr, a_ptr, x_off, a_off, shift_off, mask, amask, active, m, alpha,
+                   CLAMP_MODE: tl.constexpr, GIN: tl.constexpr):
+    """The coupling on one [BLOCK_C, BLOCK_P] tile, shared by the forward and the backward (which
+    recomputes it): loads x at ``x_off`` and the raw log-scale / shift at ``a_off`` /
+    ``a_off + shift_off``, applies the 0.1 pre-scale, the soft clamp and (GIN) the centring by the
+    per-pixel mean ``m``. Returns (x, s, ds/da_s of the clamp, exp(s), u) in float32; s is 0 and
+    u = x on passive channels and masked elements."""
+    xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    a_s = tl.load(a_ptr + a_off, mask=amask, other=0.0).to(tl.float32) * 0.1
+    a_t = tl.load(a_ptr + a_off + shift_off, mask=amask, other=0.0).to(tl.float32) * 0.1
+    s, ds = soft_clamp(a_s, alpha, CLAMP_MODE)
+    if GIN:
+        s = s - m[None, :]
+    s = tl.where(amask, s, 0.0)
+    es = tl.exp(s)
+    u = tl.where(active[:, None], xv * es + a_t, xv)
+    return xv, s, ds, es, u
+
+
+@triton.jit
 def _coupling_gin_stats_kernel(
     part_ptr,
     a_ptr,
@@ -124,6 +144,7 @@ def _coupling_fwd_kernel(
     p, pmask, b, n = _pixel_offsets(pid_p, N, BLOCK_P, P)
     x_pix = b * C * N + n
     a_pix = b * (2 * C2) * N + n
+    m = tl.zeros([BLOCK_P], dtype=tl.float32)
     if GIN:
         m = tl.load(gin_mean_ptr + b, mask=pmask, other=0.0)
     ld = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -132,15 +153,9 @@ def _coupling_fwd_kernel(
         i, cmask, j, active, k = _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM, BLOCK_C)
         mask = cmask[:, None] & pmask[None, :]
         amask = active[:, None] & pmask[None, :]
-        xv = tl.load(x_ptr + x_pix[None, :] + j[:, None] * N, mask=mask, other=0.0).to(tl.float32)
-        a_off = a_pix[None, :] + k[:, None] * N
-        a_s = tl.load(a_ptr + a_off, mask=amask, other=0.0).to(tl.float32) * 0.1
-        a_t = tl.load(a_ptr + a_off + C2 * N, mask=amask, other=0.0).to(tl.float32) * 0.1
-        s, _ = soft_clamp(a_s, alpha, CLAMP_MODE)
-        if GIN:
-            s = s - m[None, :]
-        s = tl.where(amask, s, 0.0)
-        u = tl.where(active[:, None], xv * tl.exp(s) + a_t, xv)
+        _, s, _, _, u = _coupling_tile(x_ptr, a_ptr, x_pix[None, :] + j[:, None] * N,
+                                       a_pix[None, :] + k[:, None] * N, C2 * N, mask, amask, active, m, alpha,
+                                       CLAMP_MODE, GIN)
         beta = tl.load(beta_ptr + j, mask=cmask, other=0.0)
         if GIN:
             v = u + beta[:, None]
@@ -261,16 +276,9 @@ def _coupling_bwd_kernel(
             mask = cmask[:, None] & pmask[None, :]
             amask = active[:, None] & pmask[None, :]
             x_off = x_pix[None, :] + j[:, None] * N
-            xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
             a_off = a_pix[None, :] + k[:, None] * N
-            a_s = tl.load(a_ptr + a_off, mask=amask, other=0.0).to(tl.float32) * 0.1
-            a_t = tl.load(a_ptr + a_off + C2 * N, mask=amask, other=0.0).to(tl.float32) * 0.1
-            s, ds = soft_clamp(a_s, alpha, CLAMP_MODE)
-            if GIN:
-                s = s - m[None, :]
-            s = tl.where(amask, s, 0.0)
-            es = tl.exp(s)
-            u = tl.where(active[:, None], xv * es + a_t, xv)
+            xv, s, ds, es, u = _coupling_tile(x_ptr, a_ptr, x_off, a_off, C2 * N, mask, amask, active, m, alpha,
+                                              CLAMP_MODE, GIN)
             if HAS_GZ:
                 gv = tl.load(gz_ptr + x_pix[None, :] + i[:, None] * N, mask=mask, other=0.0).to(tl.float32)
             else:
