@@ -29,7 +29,6 @@ from typing import Optional, Tuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 import altub_fast  # noqa: E402
 from altub_fast import functional, reference  # noqa: E402
@@ -44,6 +43,7 @@ if DEVICE == "cpu" and not INTERPRET:
                 allow_module_level=True)
 
 from altub_fast.ops import coupling as oc  # noqa: E402
+from _helpers import make_subnet  # noqa: E402
 
 if DEVICE == "cpu" and not oc.interpreter_active():
     pytest.skip("altub_fast.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels "
@@ -364,15 +364,6 @@ def test_deterministic():
 
 
 # ----------------------------------------------------------------------------- layer 4: functional & Module
-def make_subnet(rank, hidden=8):
-    def ctor(c_in, c_out):
-        if rank == 0:
-            return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, c_out))
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
-        return nn.Sequential(conv(c_in, hidden, 3, padding=1), nn.ReLU(), conv(hidden, c_out, 3, padding=1))
-    return ctor
-
-
 BLOCKS = [
     (5, (4, 6), dict()),
     (8, (), dict(gin_block=True, global_affine_type="SIGMOID", clamp_mode="freia", affine_clamping=1.9)),

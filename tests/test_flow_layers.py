@@ -6,7 +6,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import altub_fast
 from altub_fast import reference
@@ -15,14 +14,7 @@ FrEIA = pytest.importorskip("FrEIA", reason="FrEIA==0.2 is a dev dependency (pip
 from FrEIA.framework import SequenceINN as FrEIASequenceINN  # noqa: E402
 from FrEIA.modules import AllInOneBlock as FrEIABlock  # noqa: E402
 
-
-def make_subnet(rank, hidden=8):
-    def ctor(c_in, c_out):
-        if rank == 0:
-            return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, c_out))
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
-        return nn.Sequential(conv(c_in, hidden, 3, padding=1), nn.ReLU(), conv(hidden, c_out, 3, padding=1))
-    return ctor
+from _helpers import make_subnet  # noqa: E402
 
 
 SPATIAL = {0: (), 1: (7,), 2: (5, 6), 3: (3, 4, 5)}
