@@ -83,36 +83,40 @@ def resolve_impl(impl: Optional[str], *tensors: Tensor) -> str:
 
 def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                      perm: Optional[Tensor] = None, *, clamp: float = 2.0, clamp_mode: str = "legacy",
-                     gin: bool = False, affine_type: str = "SOFTPLUS",
-                     impl: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`."""
+                     gin: bool = False, affine_type: str = "SOFTPLUS", pixel_logdet: bool = False,
+                     impl: Optional[str] = None) -> Tuple[Tensor, ...]:
+    """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`
+    (``pixel_logdet=True`` appends the per-pixel log-det (B, *sp) float32)."""
     which = resolve_impl(impl, x, a, global_scale, global_offset)
     CALLS[f"coupling_forward:{which}"] += 1
     if which == "triton":
         from .ops.coupling import coupling_forward_triton
         return coupling_forward_triton(x, a, global_scale, global_offset, perm, clamp=clamp,
-                                       clamp_mode=clamp_mode, gin=gin, affine_type=affine_type)
+                                       clamp_mode=clamp_mode, gin=gin, affine_type=affine_type,
+                                       pixel_logdet=pixel_logdet)
     return reference.coupling_forward(x, a, global_scale, global_offset, perm, clamp=clamp,
-                                      clamp_mode=clamp_mode, gin=gin, affine_type=affine_type)
+                                      clamp_mode=clamp_mode, gin=gin, affine_type=affine_type,
+                                      pixel_logdet=pixel_logdet)
 
 
 def coupling_forward_loglik(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
                             clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
-                            affine_type: str = "SOFTPLUS", impl: Optional[str] = None
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The last-block variant (z, log-det, per-pixel and per-sample base log-likelihood);
-    see :func:`altub_fast.reference.coupling_forward_loglik`."""
+                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False,
+                            impl: Optional[str] = None) -> Tuple[Tensor, ...]:
+    """The last-block variant (z, log-det, per-pixel and per-sample base log-likelihood, and with
+    ``pixel_logdet=True`` the per-pixel log-det); see
+    :func:`altub_fast.reference.coupling_forward_loglik`."""
     which = resolve_impl(impl, x, a, global_scale, global_offset, mu, log_sigma)
     CALLS[f"coupling_forward_loglik:{which}"] += 1
     if which == "triton":
         from .ops.coupling import coupling_forward_loglik_triton
         return coupling_forward_loglik_triton(x, a, global_scale, global_offset, perm, mu, log_sigma,
                                               clamp=clamp, clamp_mode=clamp_mode, gin=gin,
-                                              affine_type=affine_type)
+                                              affine_type=affine_type, pixel_logdet=pixel_logdet)
     return reference.coupling_forward_loglik(x, a, global_scale, global_offset, perm, mu, log_sigma,
                                              clamp=clamp, clamp_mode=clamp_mode, gin=gin,
-                                             affine_type=affine_type)
+                                             affine_type=affine_type, pixel_logdet=pixel_logdet)
 
 
 def gaussian_log_prob(z: Tensor, mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None,

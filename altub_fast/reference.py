@@ -116,13 +116,20 @@ def invert_perm(perm: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the fused step
 def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                      perm: Optional[Tensor] = None, *, clamp: float = 2.0, clamp_mode: str = "legacy",
-                     gin: bool = False, affine_type: str = "SOFTPLUS") -> Tuple[Tensor, Tensor]:
+                     gin: bool = False, affine_type: str = "SOFTPLUS",
+                     pixel_logdet: bool = False) -> Tuple[Tensor, ...]:
     """Everything of an AllInOneBlock forward after the subnet (SPEC 1, steps 2 and 4-8).
 
     x: (B, C, *sp) the block input (after the optional pre-permutation); a: (B, 2*C2, *sp) raw
     subnet output; perm: (C,) int64 hard permutation (z[:, i] = v[:, perm[i]]) or None for no
     permutation (soft and Householder permutations are applied by the caller afterwards).
     Returns z (B, C, *sp) in x's dtype and log_jac_det (B,) in float32 (float64 for float64).
+
+    pixel_logdet=True also returns, last, the per-pixel log-det (B, *sp) (float32; (B,) for
+    (B, C) data): at each pixel the sum over the transformed channels of s (GIN-centred with GIN)
+    plus sum_c log Psi(g_c) (the global affine's share, 0 with GIN). The Jacobian is diagonal in
+    the channels at each pixel, so this split is exact; summed over the pixels it is log_jac_det
+    (up to float rounding: log_jac_det itself is computed as without the flag).
     """
     C, C1, C2 = check_pair(x, a)
     cd = _compute_dtype(x)
@@ -133,6 +140,7 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
     s = coupling_scale(af[:, :C2], clamp, clamp_mode, gin)
     y2 = x2 * torch.exp(s) + af[:, C2:]
     logdet = torch.sum(s, dim=sum_dims)
+    logdet_pixel = torch.sum(s, dim=1) if pixel_logdet else None
     u = torch.cat([x1, y2], dim=1)
     g = _channels(global_scale, C, "global_scale").to(cd)
     beta = _bcast(_channels(global_offset, C, "global_offset").to(cd), x.dim())
@@ -142,9 +150,14 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
         scale = global_scale_activation(g, affine_type)
         v = u * _bcast(scale, x.dim()) + beta
         n_pix = x[0, :1].numel()
-        logdet = logdet + n_pix * torch.sum(torch.log(scale))
+        log_scale_sum = torch.sum(torch.log(scale))
+        logdet = logdet + n_pix * log_scale_sum
+        if pixel_logdet:
+            logdet_pixel = logdet_pixel + log_scale_sum
     if perm is not None:
         v = v.index_select(1, perm)
+    if pixel_logdet:
+        return v.to(x.dtype), logdet, logdet_pixel
     return v.to(x.dtype), logdet
 
 
@@ -183,17 +196,22 @@ def gaussian_log_prob(z: Tensor, mu: Optional[Tensor] = None, log_sigma: Optiona
 def coupling_forward_loglik(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
                             clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
-                            affine_type: str = "SOFTPLUS") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False
+                            ) -> Tuple[Tensor, ...]:
     """The last-block variant: coupling_forward plus the base log-likelihood of z.
 
     Returns z, log_jac_det (B,), logp_pixel (B, *sp) = sum over channels of log p(z) with the
     constant, and logp_sample (B,) = sum of logp_pixel (the base term only; add log-dets for the
-    flow's log-likelihood). All reductions in float32.
+    flow's log-likelihood). All reductions in float32. pixel_logdet=True appends the per-pixel
+    log-det (B, *sp) of :func:`coupling_forward` as a fifth element.
     """
-    z, logdet = coupling_forward(x, a, global_scale, global_offset, perm, clamp=clamp,
-                                 clamp_mode=clamp_mode, gin=gin, affine_type=affine_type)
+    out = coupling_forward(x, a, global_scale, global_offset, perm, clamp=clamp, clamp_mode=clamp_mode,
+                           gin=gin, affine_type=affine_type, pixel_logdet=pixel_logdet)
+    z, logdet = out[0], out[1]
     logp_pixel = gaussian_log_prob(z, mu, log_sigma, reduction="pixel")
     logp_sample = logp_pixel.reshape(logp_pixel.shape[0], -1).sum(dim=1)
+    if pixel_logdet:
+        return z, logdet, logp_pixel, logp_sample, out[2]
     return z, logdet, logp_pixel, logp_sample
 
 

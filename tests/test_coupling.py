@@ -429,12 +429,13 @@ def test_module_forward_loglik_and_functional():
         base.zero_grad()
         blk.zero_grad()
         xi = x.clone().requires_grad_()
-        z, ld, lpp, lps = blk.forward_loglik(xi, mu=base.mu, log_sigma=base.log_sigma)
-        loss = -(lps + ld).mean() + 0.1 * lpp.square().mean() + 0.01 * z.square().sum()
+        z, ld, lpp, lps, ldp = blk.forward_loglik(xi, mu=base.mu, log_sigma=base.log_sigma)
+        loss = (-(lps + ld).mean() + 0.1 * lpp.square().mean() + 0.01 * z.square().sum()
+                + 0.1 * ldp.square().mean())
         loss.backward()
-        res.append([z, ld, lpp, lps, xi.grad, base.mu.grad.clone(), base.log_sigma.grad.clone()] +
+        res.append([z, ld, lpp, lps, ldp, xi.grad, base.mu.grad.clone(), base.log_sigma.grad.clone()] +
                    [p.grad for p in blk.parameters() if p.requires_grad])
-    names = ["z", "ld", "lp_pix", "lp_smp", "dx", "dmu", "dlog_sigma"] + [
+    names = ["z", "ld", "lp_pix", "lp_smp", "ld_pix", "dx", "dmu", "dlog_sigma"] + [
         n for n, p in blk_t.named_parameters() if p.requires_grad]
     for name, u, v in zip(names, *res):
         assert_close(u, v, torch.float32, 1 if name in ("z", "dx") else 200, name)

@@ -217,11 +217,29 @@ class AllInOneBlock(InvertibleModule):
             z = self._apply_dense(z, w)
         return (z,), log_jac_det
 
+    def forward_pixel(self, x, c=[]):
+        """Forward that also returns the per-pixel log-det: ((z,), log_jac_det (B,),
+        log_jac_det_pixel (B, *sp) float32; (B,) for (B, C) data).
+
+        The per-pixel log-det is each pixel's share of log_jac_det (their sum over pixels): the
+        coupling's log-scales summed over channels plus the global affine's sum_c log Psi(g_c).
+        The permutations (hard, soft, Householder, and the reverse pre-permutation) are orthogonal
+        and add 0.
+        """
+        x, a, w = self._prepare_forward(x, c)
+        z, log_jac_det, ld_pixel = functional.coupling_forward(
+            x, a, self.global_scale, self.global_offset,
+            self.perm if self.hard_permutation else None, pixel_logdet=True, **self._fused_kwargs())
+        if not self.hard_permutation:
+            z = self._apply_dense(z, w)
+        return (z,), log_jac_det, ld_pixel
+
     def forward_loglik(self, x, c=[], mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None):
         """Forward plus the base log-likelihood of z in one pass (the last block of a flow).
 
-        Returns (z, log_jac_det (B,), logp_pixel (B, *sp) summed over channels, logp_sample (B,));
-        mu/log_sigma None means N(0, I). The log-likelihoods include the -0.5*log(2 pi) constant.
+        Returns (z, log_jac_det (B,), logp_pixel (B, *sp) summed over channels, logp_sample (B,),
+        log_jac_det_pixel (B, *sp) as :meth:`forward_pixel`); mu/log_sigma None means N(0, I).
+        The log-likelihoods include the -0.5*log(2 pi) constant.
         """
         x, a, w = self._prepare_forward(x, c)
         if mu is None:
@@ -230,12 +248,12 @@ class AllInOneBlock(InvertibleModule):
             log_sigma = torch.zeros(self.in_channels, device=x.device, dtype=torch.float32)
         if self.hard_permutation:
             return functional.coupling_forward_loglik(x, a, self.global_scale, self.global_offset, self.perm,
-                                                      mu, log_sigma, **self._fused_kwargs())
-        z, log_jac_det = functional.coupling_forward(x, a, self.global_scale, self.global_offset, None,
-                                                     **self._fused_kwargs())
+                                                      mu, log_sigma, pixel_logdet=True, **self._fused_kwargs())
+        z, log_jac_det, ld_pixel = functional.coupling_forward(x, a, self.global_scale, self.global_offset,
+                                                               None, pixel_logdet=True, **self._fused_kwargs())
         z = self._apply_dense(z, w)
         logp_pixel = functional.gaussian_log_prob(z, mu, log_sigma, reduction="pixel")
-        return z, log_jac_det, logp_pixel, logp_pixel.reshape(z.shape[0], -1).sum(1)
+        return z, log_jac_det, logp_pixel, logp_pixel.reshape(z.shape[0], -1).sum(1), ld_pixel
 
     def _reverse(self, z, c):
         z, c = self._check_inputs(z, c)

@@ -14,11 +14,16 @@ from .base import LearnableGaussian
 
 class FlowOutput(NamedTuple):
     """What :meth:`SequenceINN.forward_loglik` returns. Log-likelihoods are float32 and include the
-    -0.5*log(2 pi) constant; ``log_prob`` = ``logp_sample + log_jac_det``."""
+    -0.5*log(2 pi) constant; ``log_prob`` = ``logp_sample + log_jac_det``.
+
+    ``log_jac_det_pixel`` (B, *sp) float32 is the flow's log-det split per pixel, accumulated over
+    all blocks (summed over pixels it is ``log_jac_det``); None when some block cannot split its
+    log-det (one without ``forward_pixel``, e.g. FrEIA's own AllInOneBlock)."""
     z: Tensor
     log_jac_det: Tensor
     logp_pixel: Tensor
     logp_sample: Tensor
+    log_jac_det_pixel: Optional[Tensor] = None
 
     @property
     def log_prob(self) -> Tensor:
@@ -98,6 +103,8 @@ class SequenceINN(InvertibleModule):
 
         The last block, if it has ``forward_loglik`` (altub_fast's AllInOneBlock), computes z, its
         log-det and the base log-likelihood in one fused pass; otherwise the base is evaluated after.
+        Blocks with ``forward_pixel`` also give their per-pixel log-det, summed into
+        ``log_jac_det_pixel`` (None if any block has none).
         """
         if len(self.module_list) == 0:
             raise ValueError("the flow has no blocks")
@@ -107,20 +114,28 @@ class SequenceINN(InvertibleModule):
             raise ValueError(f"base has {base.num_channels} channels, the flow outputs {self.shapes[-1][0]}")
         xs = (x,)
         log_det_jac = 0
+        ld_pixel = 0  # becomes None once a block cannot split its log-det per pixel
         n = len(self.module_list)
         for i in range(n - 1):
-            cond = self._cond(i, c)
-            xs, j = self.module_list[i](xs, c=cond, jac=True) if cond else self.module_list[i](xs, jac=True)
+            block, cond = self.module_list[i], self._cond(i, c)
+            if hasattr(block, "forward_pixel"):
+                xs, j, jp = block.forward_pixel(xs, c=cond)
+            else:
+                xs, j = block(xs, c=cond, jac=True) if cond else block(xs, jac=True)
+                jp = None
             log_det_jac = j + log_det_jac
+            ld_pixel = None if (jp is None or ld_pixel is None) else jp + ld_pixel
         last = self.module_list[n - 1]
         cond = self._cond(n - 1, c)
         if hasattr(last, "forward_loglik"):
-            z, j, logp_pixel, logp_sample = last.forward_loglik(xs, c=cond, mu=mu, log_sigma=log_sigma)
+            z, j, logp_pixel, logp_sample, jp = last.forward_loglik(xs, c=cond, mu=mu, log_sigma=log_sigma)
         else:
             (z,), j = last(xs, c=cond, jac=True) if cond else last(xs, jac=True)
+            jp = None
             logp_pixel = functional.gaussian_log_prob(z, mu, log_sigma, reduction="pixel")
             logp_sample = logp_pixel.reshape(z.shape[0], -1).sum(1)
-        return FlowOutput(z, j + log_det_jac, logp_pixel, logp_sample)
+        ld_pixel = None if (jp is None or ld_pixel is None) else jp + ld_pixel
+        return FlowOutput(z, j + log_det_jac, logp_pixel, logp_sample, ld_pixel)
 
     def log_prob(self, x: Tensor, c: Optional[Iterable[Tensor]] = None,
                  base: Optional[LearnableGaussian] = None) -> Tensor:

@@ -470,7 +470,7 @@ coupling_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def coupling_forward_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor] = None, *, clamp: float = 2.0,
                             clamp_mode: str = "legacy", gin: bool = False,
-                            affine_type: str = "SOFTPLUS") -> Tuple[Tensor, Tensor]:
+                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False) -> Tuple[Tensor, ...]:
     """:func:`altub_fast.reference.coupling_forward` on the Triton kernels, differentiable.
 
     x: (B, C, *sp) float32/float16 (bfloat16 on CUDA); a: (B, 2*C2, *sp) raw subnet output, may
@@ -480,14 +480,29 @@ def coupling_forward_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_o
     """
     z, ld, _, _, _ = coupling_fwd_op(x, a, global_scale, global_offset, perm, None, None, float(clamp),
                                      clamp_mode, bool(gin), affine_type)
+    if pixel_logdet:
+        return z, ld, _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin, affine_type)
     return z, ld
+
+
+def _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin, affine_type):
+    """INTERIM (until the kernels return it): the per-pixel log-det in plain torch from a's
+    log-scale half and the global scale (differentiable by autograd)."""
+    C2 = x.shape[1] // 2
+    s = reference.coupling_scale(a[:, :C2].to(torch.float32) * reference.SUBNET_PRESCALE, clamp,
+                                 clamp_mode, gin)
+    ld_pix = s.sum(dim=1)
+    if not gin:
+        g = global_scale.reshape(x.shape[1]).to(torch.float32)
+        ld_pix = ld_pix + torch.log(reference.global_scale_activation(g, affine_type)).sum()
+    return ld_pix
 
 
 def coupling_forward_loglik_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                                    perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
                                    clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
-                                   affine_type: str = "SOFTPLUS"
-                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                   affine_type: str = "SOFTPLUS", pixel_logdet: bool = False
+                                   ) -> Tuple[Tensor, ...]:
     """:func:`altub_fast.reference.coupling_forward_loglik` on the Triton kernels, differentiable:
     the last-block variant, also evaluating the learnable Gaussian (mu, log_sigma: (C,) or
     (1, C, 1, ...), indexed by z's channel). Returns z (x's dtype), log_jac_det (B,),
@@ -496,4 +511,7 @@ def coupling_forward_loglik_triton(x: Tensor, a: Tensor, global_scale: Tensor, g
         raise ValueError("coupling_forward_loglik_triton needs mu and log_sigma (zeros for N(0, I))")
     z, ld, lp_pix, lp_smp, _ = coupling_fwd_op(x, a, global_scale, global_offset, perm, mu, log_sigma,
                                                float(clamp), clamp_mode, bool(gin), affine_type)
+    if pixel_logdet:
+        return z, ld, lp_pix, lp_smp, _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin,
+                                                            affine_type)
     return z, ld, lp_pix, lp_smp
