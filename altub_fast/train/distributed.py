@@ -1,0 +1,50 @@
+"""DistributedDataParallel: process-group set-up from torchrun's environment, what DDP wraps, and
+the collective decisions every rank must take alike."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def setup_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the default process group from torchrun's
+    environment (WORLD_SIZE > 1) if nothing has yet. NCCL on CUDA, gloo otherwise."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return 0, 1, local_rank
+
+
+class StepModule(nn.Module):
+    """What DistributedDataParallel wraps: one ordinary update's forward (loss and z)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, unit):
+        return self.model.step_loss(unit)
+
+
+
+def all_true(flag: bool, world_size: int, device: torch.device) -> bool:
+    """``flag`` on every rank (a MIN all-reduce; just ``flag`` without DDP)."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)

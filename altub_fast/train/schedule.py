@@ -1,0 +1,108 @@
+"""When and how the base-only updates happen (AltUBSchedule) and the trainer's options (TrainConfig)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class AltUBSchedule:
+    """When and how the base-only updates happen (SPEC 2). Every constant is a knob.
+
+    k: every k-th update (after the warm-up) is base-only; 0 disables base-only updates.
+    r: base lr = r * the flow optimiser's current lr (unless ``lr`` is given).
+    warmup: no base-only update while the counter is <= warmup.
+    unit: "step" (count updates) or "epoch" (count epochs; a base-only epoch is base-only throughout).
+    optimizer: "sgd" (the author's) or "adam".
+    lr: absolute base lr (overrides r).
+    clip_value: clip the base gradients by value (None: no clipping).
+    """
+    k: int = 5
+    r: float = 5.0
+    warmup: int = 20
+    unit: str = "step"
+    optimizer: str = "sgd"
+    lr: Optional[float] = None
+    clip_value: Optional[float] = 100.0
+
+    def __post_init__(self):
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.unit not in ("step", "epoch"):
+            raise ValueError(f"unit must be 'step' or 'epoch', got {self.unit!r}")
+        if self.optimizer.lower() not in ("sgd", "adam"):
+            raise ValueError(f"base optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+    def is_base_only(self, counter: int) -> bool:
+        """Is update (or epoch) number ``counter`` (1-based) base-only?"""
+        return self.k > 0 and counter > self.warmup and counter % self.k == 0
+
+
+_SCHEDULE_ALIASES = {"k": "k", "r": "r", "warmup": "warmup", "unit": "unit", "base_optimizer": "optimizer",
+                     "base_lr": "lr", "base_clip_value": "clip_value", "altub_k": "k", "altub_r": "r",
+                     "altub_warmup": "warmup", "altub_unit": "unit"}
+
+
+@dataclass
+class TrainConfig:
+    """Trainer options (all can also be given to :class:`AltUBTrainer` as keywords; the schedule's
+    as k, r, warmup, unit, base_optimizer, base_lr, base_clip_value)."""
+    epochs: int = 500
+    batch_size: Optional[int] = None          # None: the DataLoader's, or 32
+    lr: Optional[float] = None                # None: the model's (FastFlow 1e-3, CFlow 2e-4)
+    weight_decay: Optional[float] = None      # None: the model's (FastFlow 1e-5, CFlow 0)
+    schedule: AltUBSchedule = field(default_factory=AltUBSchedule)
+    cache_features: bool = True
+    cache_device: Optional[str] = None        # None: the training device
+    extract_batch_size: Optional[int] = None  # None: batch_size
+    amp: bool = False                         # bfloat16 autocast on CUDA
+    on_nonfinite: str = "raise"               # or "skip"
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 1                 # epochs
+    keep_all_checkpoints: bool = False        # also keep epoch_NNNN.pt next to last.pt
+    save_backbone: Union[bool, str] = "auto"  # "auto": only when the backbone has random weights
+    log_jsonl: Optional[str] = None
+    progress: bool = True
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    num_workers: int = 0
+    z_stats: bool = True
+    check_finite: bool = True
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.schedule, dict):
+            self.schedule = AltUBSchedule(**self.schedule)
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_config(config: Optional[TrainConfig] = None, **overrides) -> TrainConfig:
+    """A TrainConfig from ``config`` (or the defaults) with keyword overrides applied."""
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    sched = dataclasses.asdict(cfg.schedule)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {}
+    for key, value in overrides.items():
+        if key in _SCHEDULE_ALIASES:
+            sched[_SCHEDULE_ALIASES[key]] = value
+        elif key in fields:
+            kw[key] = value
+        else:
+            raise TypeError(f"unknown training option {key!r}")
+    if "schedule" in kw:
+        s = kw.pop("schedule")
+        sched.update(dataclasses.asdict(s) if isinstance(s, AltUBSchedule) else dict(s))
+    return dataclasses.replace(cfg, schedule=AltUBSchedule(**sched), **kw)
+

@@ -1,0 +1,418 @@
+"""The trainer: AltUB's alternating updates (SPEC 2) over epochs, with logging and checkpoints.
+The pieces it uses live beside it: schedule.py (when an update is base-only; the options),
+batches.py (which images each update sees), cache.py (the feature cache), stats.py (what an epoch
+reports), checkpoint.py (files and resume), distributed.py (DDP)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..models.backbones import NonFiniteError
+from .batches import dataset_of, epoch_batches, make_loader
+from .cache import autocast, build_feature_cache, cached_batches, check_feature_cache, extracted_batches
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
+                         rng_state, set_rng_state)
+from .distributed import StepModule, all_true, setup_distributed
+from .schedule import TrainConfig, make_config
+from .stats import ZStats, format_record, scale_stats
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A training loss was NaN or Inf (the message names the epoch and step)."""
+
+
+class AltUBTrainer:
+    """Trains a FastFlow or CFlow model (any model with the protocol ``flow_parameters()``,
+    ``base_parameters()``, ``extract_features()``, ``training_units()``, ``step_loss()``,
+    ``base_only_loss()``, ``trainable_state_dict()``, ``config``, ``altub``).
+
+    ``AltUBTrainer(model, data, config=None, **options)``; options are :class:`TrainConfig` fields
+    and the schedule's knobs (k, r, warmup, unit, base_optimizer, base_lr, base_clip_value).
+    ``fit(epochs)`` trains up to that many epochs in total (continuing after ``load_checkpoint``)
+    and returns the history (one dict per epoch).
+    """
+
+    def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None, **options):
+        self.config = cfg = make_config(config, **options)
+        self.rank, self.world_size, self.local_rank = setup_distributed()
+        if cfg.device is not None:
+            self.device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank if self.world_size > 1 else torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        if cfg.amp and self.device.type != "cuda":
+            warnings.warn("amp=True: bfloat16 autocast runs on CUDA only; training on the CPU in float32")
+        self.model = model.to(self.device)
+        self.dataset, loader_bs, loader_workers, self.collate_fn = dataset_of(data)
+        self.batch_size = int(cfg.batch_size or loader_bs or 32)
+        self.num_workers = cfg.num_workers or loader_workers
+        self.altub = bool(getattr(model, "altub", False))
+        self.schedule = cfg.schedule
+
+        lr = cfg.lr if cfg.lr is not None else getattr(model, "default_lr", 1e-3)
+        wd = cfg.weight_decay if cfg.weight_decay is not None else getattr(model, "default_weight_decay", 0.0)
+        self.flow_params = list(model.flow_parameters())
+        self.base_params = list(model.base_parameters())
+        groups = [{"params": self.flow_params, "weight_decay": wd, "name": "flow"}]
+        if self.base_params:
+            # weight decay would pull the base back to N(0, I)
+            groups.append({"params": self.base_params, "weight_decay": 0.0, "name": "base"})
+        self.optimizer = torch.optim.Adam(groups, lr=lr)
+        self.base_optimizer: Optional[torch.optim.Optimizer] = None
+        if self.altub and self.base_params:
+            base_lr = self.schedule.lr if self.schedule.lr is not None else self.schedule.r * lr
+            if self.schedule.optimizer.lower() == "sgd":
+                self.base_optimizer = torch.optim.SGD(self.base_params, lr=base_lr, momentum=0.0, weight_decay=0.0)
+            else:
+                self.base_optimizer = torch.optim.Adam(self.base_params, lr=base_lr, weight_decay=0.0)
+
+        self._step_module = StepModule(model)
+        self._ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # CFLOW-AD's fiber batches use one decoder at a time: the others are unused.
+            self._ddp = DDP(self._step_module, device_ids=ids, broadcast_buffers=False,
+                            find_unused_parameters=getattr(model, "model_name", "") == "cflow")
+
+        self.epoch = 0            # completed epochs
+        self.global_step = 0      # updates attempted (ordinary + base-only + skipped)
+        self.base_updates = 0     # base-only updates done (the alternation counter)
+        self.skipped_updates = 0
+        self.history: List[dict] = []
+        self.last_checkpoint: Optional[str] = None
+        self._cache: Optional[List[Tensor]] = None
+        self.cache_seconds: Optional[float] = None
+
+    # ------------------------------------------------------------------ small helpers
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _autocast(self):
+        return autocast(self.device, self.config.amp)
+
+    def _all_true(self, flag: bool) -> bool:
+        return all_true(flag, self.world_size, self.device)
+
+    def _progress(self, **kw):
+        return tqdm(disable=not (self.config.progress and self.is_main), dynamic_ncols=True, **kw)
+
+    def flow_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def base_lr(self) -> Optional[float]:
+        if self.base_optimizer is None:
+            return None
+        return self.schedule.lr if self.schedule.lr is not None else self.schedule.r * self.flow_lr()
+
+    # ------------------------------------------------------------------ data
+    def epoch_batches(self, epoch: int) -> List[Tensor]:
+        """This rank's batches of dataset indices for ``epoch`` (0-based): a permutation seeded by
+        (seed, epoch), padded and strided over ranks like DistributedSampler."""
+        cfg = self.config
+        return epoch_batches(len(self.dataset), self.batch_size, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
+                             rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last)
+
+    def _loader(self, batch_sampler, seed: int) -> DataLoader:
+        return make_loader(self.dataset, batch_sampler, seed, num_workers=self.num_workers,
+                           pin_memory=self.device.type == "cuda", collate_fn=self.collate_fn)
+
+    def _cache_device(self) -> torch.device:
+        return torch.device(self.config.cache_device) if self.config.cache_device else self.device
+
+    def build_cache(self) -> List[Tensor]:
+        """Run every training image through the frozen backbone once; returns per-scale tensors
+        (N, C, h, w) in dataset order (on ``cache_device``; bfloat16 under ``amp`` on CUDA).
+        Under DDP every rank caches the whole set (each epoch's shard differs), which costs one
+        pass of backbone forwards per rank and the cache's memory on every rank."""
+        cfg = self.config
+        n = len(self.dataset)
+        bs = int(cfg.extract_batch_size or self.batch_size)
+        batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
+        t0 = time.perf_counter()
+        self._cache = build_feature_cache(
+            self.model, self._loader(batches, int(cfg.seed)), n, device=self.device,
+            cache_device=self._cache_device(), amp=cfg.amp, check=cfg.check_finite,
+            progress=lambda it, **kw: self._progress(iterable=it, total=len(batches), **kw))
+        self.cache_seconds = time.perf_counter() - t0
+        return self._cache
+
+    def set_feature_cache(self, features: Sequence[Tensor]) -> None:
+        """Use precomputed backbone features of the whole training set, in dataset order (per
+        scale, (N, C, h, w), as :meth:`build_cache` makes them): runs that share a training set can
+        extract it once. Checked against the dataset's length and the model's scales."""
+        feats = check_feature_cache(features, len(self.dataset), getattr(self.model, "num_scales", None))
+        self._cache = [f.to(self._cache_device()) for f in feats]
+
+    def _feature_batches(self, batches: List[Tensor], epoch: int) -> Iterable[List[Tensor]]:
+        if self._cache is not None:
+            return cached_batches(self._cache, batches, self.device)
+        seed = (int(self.config.seed) * 100_003 + epoch) * 1009 + self.rank
+        return extracted_batches(self.model, self._loader([b.tolist() for b in batches], seed), self.device,
+                                 self.config.amp)
+
+    # ------------------------------------------------------------------ one update
+    def is_base_only(self, step: int, epoch: int) -> bool:
+        """Schedule decision for update number ``step`` (1-based) in epoch ``epoch`` (0-based)."""
+        if not (self.altub and self.base_optimizer is not None):
+            return False
+        return self.schedule.is_base_only(epoch + 1 if self.schedule.unit == "epoch" else step)
+
+    def update(self, unit, base_only: Optional[bool] = None, epoch: Optional[int] = None) -> dict:
+        """One update on ``unit`` (an item of ``model.training_units``); returns
+        {"loss": float or nan, "base_only": bool, "skipped": bool, "z": [...]}. ``base_only=None``
+        follows the schedule."""
+        epoch = self.epoch if epoch is None else epoch
+        self.global_step += 1
+        if base_only is None:
+            base_only = self.is_base_only(self.global_step, epoch)
+        if base_only and self.base_optimizer is None:
+            raise RuntimeError("a base-only update needs a learnable base (altub=True)")
+        if base_only:
+            self.base_optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss, zs = self.model.base_only_loss(unit)
+            grads = torch.autograd.grad(loss, self.base_params, allow_unused=True)
+            finite = self._all_true(bool(torch.isfinite(loss.detach())))
+            if finite:
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.base_params, grads)]
+                if self.world_size > 1:
+                    flat = torch.cat([g.reshape(-1) for g in grads])
+                    dist.all_reduce(flat)
+                    flat /= self.world_size
+                    grads = list(flat.split([g.numel() for g in grads]))
+                for p, g in zip(self.base_params, grads):
+                    p.grad = g.reshape(p.shape).to(p.dtype)
+                if self.schedule.clip_value is not None:
+                    torch.nn.utils.clip_grad_value_(self.base_params, self.schedule.clip_value)
+                for group in self.base_optimizer.param_groups:
+                    group["lr"] = self.base_lr()
+                self.base_optimizer.step()
+                self.base_updates += 1
+            self.base_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                step = self._ddp if self._ddp is not None else self._step_module
+                loss, zs = step(unit)
+            loss.backward()   # always, so that DDP's reducer sees every forward matched
+            finite = self._all_true(bool(torch.isfinite(loss.detach())))
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not finite:
+            self._nonfinite(unit, value, epoch)
+        return {"loss": value if finite else float("nan"), "base_only": bool(base_only), "skipped": not finite,
+                "z": zs}
+
+    def _nonfinite(self, unit, value: float, epoch: int) -> None:
+        where = f"epoch {epoch + 1}, step {self.global_step}"
+        if self.config.on_nonfinite == "skip":
+            self.skipped_updates += 1
+            logger.warning("non-finite training loss (%s) at %s: update skipped (on_nonfinite='skip')", value, where)
+            return
+        try:
+            diag = self.model.diagnose_nonfinite(unit)
+        except Exception as e:  # pragma: no cover - diagnosis must not hide the error
+            diag = f"(diagnosis failed: {e})"
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint had been written")
+        raise NonFiniteLossError(f"non-finite training loss ({value}) at {where}: {diag}. Nothing was "
+                                 f"updated; {kept}. on_nonfinite='skip' skips such updates instead.")
+
+    # ------------------------------------------------------------------ epochs
+    def fit(self, epochs: Optional[int] = None) -> List[dict]:
+        """Train until ``epochs`` epochs are complete (default: config.epochs); returns the history."""
+        target = int(epochs if epochs is not None else self.config.epochs)
+        if self.config.cache_features and self._cache is None and self.epoch < target:
+            self.build_cache()
+        jsonl = self.config.log_jsonl
+        if jsonl and self.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
+        for epoch in range(self.epoch, target):
+            record = self.train_epoch(epoch, target)
+            self.epoch = epoch + 1
+            self.history.append(record)
+            if self.is_main:
+                logger.info(self.format_record(record))
+                if jsonl:
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if self.config.checkpoint_dir and (self.epoch % self.config.checkpoint_every == 0 or self.epoch == target):
+                self.save_checkpoint()
+        return self.history
+
+    def train_epoch(self, epoch: int, total_epochs: Optional[int] = None) -> dict:
+        cfg = self.config
+        self.model.train()
+        batches = self.epoch_batches(epoch)
+        gen = torch.Generator().manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + self.rank)
+        zstats = ZStats(self.model_channels(), self.device) if cfg.z_stats else None
+        sums = {"all": 0.0, "flow": 0.0, "base": 0.0}
+        counts = {"all": 0, "flow": 0, "base": 0, "skipped": 0}
+        t0 = time.perf_counter()
+        n_images = 0
+        bar = self._progress(total=len(batches), desc=f"epoch {epoch + 1}/{total_epochs or cfg.epochs}", leave=False)
+        for feats in self._feature_batches(batches, epoch):
+            n_images += feats[0].shape[0]
+            for unit in self.model.training_units(feats, generator=gen):
+                out = self.update(unit, epoch=epoch)
+                if out["skipped"]:
+                    counts["skipped"] += 1
+                    continue
+                kind = "base" if out["base_only"] else "flow"
+                sums["all"] += out["loss"]
+                sums[kind] += out["loss"]
+                counts["all"] += 1
+                counts[kind] += 1
+                if zstats is not None:
+                    zstats.update(out["z"])
+            bar.update(1)
+            if counts["all"]:
+                bar.set_postfix(loss=f"{sums['all'] / counts['all']:.4g}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        if self.world_size > 1:
+            t = torch.tensor([sums["all"], sums["flow"], sums["base"], counts["all"], counts["flow"], counts["base"],
+                              counts["skipped"], n_images], dtype=torch.float64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t)
+            # losses: means over all ranks' updates; counts: updates (the same on every rank)
+            w = self.world_size
+            sums = {"all": float(t[0]) / w, "flow": float(t[1]) / w, "base": float(t[2]) / w}
+            n_images = int(t[7])
+            if zstats is not None:
+                zstats.all_reduce()
+        mean = lambda k: sums[k] / counts[k] if counts[k] else float("nan")  # noqa: E731
+        record = {"epoch": epoch + 1, "loss": mean("all"), "loss_flow_updates": mean("flow"),
+                  "loss_base_only_updates": mean("base"), "updates": counts["all"], "flow_updates": counts["flow"],
+                  "base_only_updates": counts["base"], "skipped_updates": counts["skipped"],
+                  "global_step": self.global_step, "lr": self.flow_lr(), "base_lr": self.base_lr(),
+                  "time_s": elapsed, "images_per_s": n_images / elapsed if elapsed > 0 else float("nan"),
+                  "cached_features": self._cache is not None, "scales": self.scale_stats(zstats)}
+        return record
+
+    def model_channels(self) -> List[int]:
+        return [b.num_channels for b in self.model.bases]
+
+    def scale_stats(self, zstats: Optional[ZStats] = None) -> List[dict]:
+        """Per scale: the base's mu and sigma and the epoch's z statistics (see stats.scale_stats)."""
+        return scale_stats(self.model, zstats)
+
+    @staticmethod
+    def format_record(r: dict) -> str:
+        return format_record(r)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_backbone(self) -> bool:
+        sb = self.config.save_backbone
+        if sb == "auto":
+            return bool(getattr(self.model.backbone, "random_weights", False))
+        return bool(sb)
+
+    def state_dict(self) -> dict:
+        model = self.model
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_class": type(model).__name__,
+            "model_config": dict(getattr(model, "config", {})),
+            "backbone": model.backbone.describe() if hasattr(model.backbone, "describe") else {},
+            "backbone_saved": self._save_backbone(),
+            "model": model.trainable_state_dict(include_backbone=self._save_backbone()),
+            "optimizer": self.optimizer.state_dict(),
+            "base_optimizer": self.base_optimizer.state_dict() if self.base_optimizer is not None else None,
+            "epoch": self.epoch, "global_step": self.global_step, "base_updates": self.base_updates,
+            "skipped_updates": self.skipped_updates,
+            "schedule": dataclasses.asdict(self.schedule),
+            "train_config": self.config.to_dict(),
+            "history": self.history,
+            "rng": rng_state(),
+            "world_size": self.world_size,
+        }
+
+    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
+        """Write a checkpoint atomically (rank 0 only): ``<checkpoint_dir>/last.pt`` by default.
+        Refuses (keeping the previous file) if any trainable parameter is non-finite."""
+        if path is None:
+            if not self.config.checkpoint_dir:
+                raise ValueError("no path given and no checkpoint_dir configured")
+            path = os.path.join(self.config.checkpoint_dir, "last.pt")
+        if not self.is_main:
+            return None
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            logger.error("not writing checkpoint %s: non-finite parameters %s; the last good checkpoint (%s) is kept",
+                         path, bad[:5], self.last_checkpoint)
+            return None
+        state = self.state_dict()
+        atomic_save(state, path)
+        if self.config.keep_all_checkpoints:
+            atomic_save(state, os.path.join(os.path.dirname(path), f"epoch_{self.epoch:04d}.pt"))
+        self.last_checkpoint = os.path.abspath(path)
+        return self.last_checkpoint
+
+    def load_checkpoint(self, path: str, restore_rng: bool = True) -> dict:
+        """Restore model (trainable parts), optimisers, schedule position, history and RNG states."""
+        ck = load_checkpoint_file(path)
+        cfg = dict(getattr(self.model, "config", {}))
+        for key in ("name", "backbone", "altub", "image_size"):
+            if key in cfg and key in ck["model_config"] and cfg[key] != ck["model_config"][key]:
+                raise ValueError(f"checkpoint {path!r} is for {key}={ck['model_config'][key]!r}, "
+                                 f"the model has {key}={cfg[key]!r}")
+        result = self.model.load_state_dict(ck["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint {path!r} does not fit the model: missing {missing[:10]}, "
+                             f"unexpected {list(result.unexpected_keys)[:10]}")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.base_optimizer is not None and ck.get("base_optimizer") is not None:
+            self.base_optimizer.load_state_dict(ck["base_optimizer"])
+        self.epoch = int(ck["epoch"])
+        self.global_step = int(ck["global_step"])
+        self.base_updates = int(ck["base_updates"])
+        self.skipped_updates = int(ck.get("skipped_updates", 0))
+        self.history = list(ck.get("history", []))
+        if restore_rng:
+            set_rng_state(ck["rng"])
+        self.last_checkpoint = os.path.abspath(path)
+        return ck
+
+    @classmethod
+    def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, **options) -> "AltUBTrainer":
+        """Rebuild the model from the checkpoint's config (unless given) and resume from it."""
+        ck = load_checkpoint_file(path)
+        if model is None:
+            model = build_model_from_checkpoint(ck)
+        config = make_config(TrainConfig(**{k: v for k, v in ck["train_config"].items()}), **options)
+        trainer = cls(model, data, config)
+        trainer.load_checkpoint(path)
+        return trainer
+
+
+
+def train(model: nn.Module, data, config: Optional[TrainConfig] = None, resume: Optional[str] = None,
+          **options) -> List[dict]:
+    """Functional form: ``AltUBTrainer(model, data, config, **options)``, optionally resumed from
+    a checkpoint, then ``fit()``; returns the history."""
+    trainer = AltUBTrainer(model, data, config, **options)
+    if resume:
+        trainer.load_checkpoint(resume)
+    return trainer.fit()
+
