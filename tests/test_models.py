@@ -122,7 +122,8 @@ def test_fastflow_baseline_loss_and_altub_nll():
 
 
 def test_fastflow_anomaly_map_formula():
-    m = tiny_fastflow()
+    """score="fastflow": the paper's map (the default "loglik" is tested in tests/test_scoring.py)."""
+    m = tiny_fastflow(score="fastflow")
     randomise_base(m)
     x = torch.randn(2, 3, 32, 32)
     maps, scores = m.anomaly_map(x)
@@ -137,7 +138,7 @@ def test_fastflow_anomaly_map_formula():
     ref = torch.stack(ref, -1).mean(-1).squeeze(1)
     torch.testing.assert_close(maps, ref, rtol=1e-5, atol=1e-6)
     # baseline map: -exp(-0.5 mean_c z^2)
-    m0 = tiny_fastflow(altub=False)
+    m0 = tiny_fastflow(altub=False, score="fastflow")
     maps0, _ = m0.anomaly_map(x)
     out0 = m0(x)
     ref0 = torch.stack([F.interpolate(-torch.exp(-0.5 * z.pow(2).mean(1, keepdim=True)), size=(32, 32),
@@ -230,25 +231,19 @@ def test_cflow_altub_loss_and_base_only():
     assert b.mu.grad is not None and b.log_sigma.grad is not None
 
 
-def test_cflow_maps_use_the_whole_set():
+def test_cflow_log_likelihoods_are_full_per_dimension():
+    """CFlow's per-position log-likelihood is the fiber's full log p / C (base + log-det); its
+    "cflow" map (constants from held-out images) is tested in tests/test_scoring.py."""
     m = tiny_cflow()
     randomise_base(m, 0.1)
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
     lls = m.log_likelihoods(x)
-    assert [tuple(t.shape) for t in lls] == [(4, 16, 16), (4, 8, 8)]
-    maps, scores = m.maps_from_log_likelihoods(lls)
-    # by hand: per layer exp(ll - max over the set), upsample (align_corners=True), sum, max - sum
-    s = sum(F.interpolate(torch.exp(t.double() - t.double().max()).unsqueeze(1), size=(64, 64), mode="bilinear",
-                          align_corners=True).squeeze(1) for t in lls)
-    torch.testing.assert_close(maps, (s.max() - s).float())
-    assert torch.equal(scores, maps.flatten(1).amax(1))
-    # predict's protocol: batches collected, normalised over the set = the same as all at once
-    parts = [m.partial_anomaly_map(x[:2]), m.partial_anomaly_map(x[2:])]
-    maps2, scores2 = m.combine_anomaly_maps(parts)
-    torch.testing.assert_close(maps2, maps, rtol=1e-5, atol=1e-6)
-    # whereas a per-batch map depends on the batch
-    mb, _ = m.anomaly_map(x[:2])
-    assert mb.shape == (2, 64, 64)
+    assert [tuple(t.shape) for t in lls] == [(2, 16, 16), (2, 8, 8)]
+    feats = m.extract_features(x)
+    for layer, (ll, f) in enumerate(zip(lls, feats)):
+        e, c = m.fibers(f)
+        out = m.fiber_loglik(layer, e, c)
+        torch.testing.assert_close(ll, (out.log_prob / f.shape[1]).reshape(ll.shape))
 
 
 def test_build_model_factory():
@@ -285,7 +280,8 @@ def test_fastflow_with_freias_block_matches_ours():
     for block in ("altub", "freia"):
         np.random.seed(0)
         torch.manual_seed(0)
-        m = FastFlow("resnet18", pretrained=False, image_size=64, flow_steps=2, block=block).eval()
+        m = FastFlow("resnet18", pretrained=False, image_size=64, flow_steps=2, block=block,
+                     score="fastflow").eval()
         if block == "altub":
             sd = m.state_dict()
         else:

@@ -11,6 +11,7 @@ from .backbones import (EFFICIENTNET_LITE0, VIT_CONFIGS, BackboneWeightsError, F
                         build_backbone, check_finite, efficientnet_lite0_weights_path, images_from_batch)
 from .cflow import CFlow, cflow_decoder, positionalencoding2d
 from .fastflow import FASTFLOW_DEFAULTS, FastFlow, FastFlowOutput, fastflow_flow
+from .scoring import IMAGE_SCORES, SCORE_MODES, MapScorer, ScaleLogLik
 
 MODELS = {"fastflow": FastFlow, "cflow": CFlow}
 DEFAULT_BACKBONES = {"fastflow": "wide_resnet50_2", "cflow": "wide_resnet50_2"}
@@ -30,8 +31,10 @@ def build_model(name: str = "fastflow", backbone: Optional[Union[str, FeatureExt
       weights: local backbone state_dict file (machines without network).
       altub: learnable base (True) or the baseline's fixed N(0, I) (False).
       image_size: input size, int or (H, W).
-      kwargs: the model's own options (FastFlow: flow_steps, hidden_ratio, conv3x3_only, clamp, ...;
-        CFlow: condition_dim, coupling_blocks, clamp, fiber_batch_size, permute_soft, ...).
+      kwargs: the model's own options (FastFlow: flow_steps, hidden_ratio, conv3x3_only, clamp,
+        norm_logdet, ...; CFlow: condition_dim, coupling_blocks, clamp, fiber_batch_size, permute_soft,
+        ...; both: score ("loglik" | "fastflow" | "cflow"), image_score ("max" | "topk[:F]"),
+        feature_blocks (efficientnet_lite0's blocks)). See :mod:`altub_fast.models.scoring`.
     """
     key = name.lower().replace("-", "").replace("_", "")
     if key not in MODELS:
@@ -46,4 +49,4 @@ def build_model(name: str = "fastflow", backbone: Optional[Union[str, FeatureExt
 __all__ = ["FastFlow", "FastFlowOutput", "CFlow", "build_model", "build_backbone", "FeatureExtractor",
            "BackboneWeightsError", "NonFiniteError", "check_finite", "images_from_batch", "positionalencoding2d",
            "fastflow_flow", "cflow_decoder", "efficientnet_lite0_weights_path", "FASTFLOW_DEFAULTS",
-           "VIT_CONFIGS", "EFFICIENTNET_LITE0", "MODELS"]
+           "VIT_CONFIGS", "EFFICIENTNET_LITE0", "MODELS", "SCORE_MODES", "IMAGE_SCORES", "MapScorer", "ScaleLogLik"]

@@ -43,10 +43,25 @@ VIT_CONFIGS = {
     "cait_m48_448": dict(block_index=40, input_size=448),
 }
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-#: Blocks of EfficientNet-Lite0 whose outputs are taken, and what they give.
+#: Output channels and stride of each of EfficientNet-Lite0's 16 MBConv blocks.
+EFFICIENTNET_LITE0_BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)
+EFFICIENTNET_LITE0_BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
+#: Blocks of EfficientNet-Lite0 whose outputs are taken by default, and what they give
+#: (the choice is measured in docs/results.md; ``feature_blocks=`` picks others).
 EFFICIENTNET_LITE0_BLOCKS = (2, 4, 10)
-EFFICIENTNET_LITE0_CHANNELS = (24, 40, 112)
-EFFICIENTNET_LITE0_STRIDES = (4, 8, 16)
+EFFICIENTNET_LITE0_CHANNELS = tuple(EFFICIENTNET_LITE0_BLOCK_CHANNELS[b] for b in EFFICIENTNET_LITE0_BLOCKS)
+EFFICIENTNET_LITE0_STRIDES = tuple(EFFICIENTNET_LITE0_BLOCK_STRIDES[b] for b in EFFICIENTNET_LITE0_BLOCKS)
+
+
+def lite0_blocks(blocks: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """Checked, sorted EfficientNet-Lite0 block indices (None: the default set)."""
+    if blocks is None:
+        return EFFICIENTNET_LITE0_BLOCKS
+    out = tuple(sorted({int(b) for b in blocks}))
+    n = len(EFFICIENTNET_LITE0_BLOCK_CHANNELS)
+    if not out or any(b < 0 or b >= n for b in out):
+        raise ValueError(f"efficientnet_lite0 feature_blocks must be block indices in 0..{n - 1}, got {blocks!r}")
+    return out
 
 ImageSize = Union[int, Tuple[int, int]]
 
@@ -242,7 +257,8 @@ class TimmViTBackbone(FeatureExtractor):
 
 
 class EfficientNetLite0Backbone(FeatureExtractor):
-    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``), outputs after blocks 2, 4 and 10.
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``), outputs after ``blocks`` (default 2, 4
+    and 10: 24/40/112 channels at strides 4/8/16).
 
     The TF-Lite ImageNet weights expect pixels mapped as (255 * p - 127) / 128; images arrive
     ImageNet-normalised (the package's data convention), so ``forward`` undoes that normalisation
@@ -252,13 +268,16 @@ class EfficientNetLite0Backbone(FeatureExtractor):
 
     kind = "efficientnet_lite"
 
-    def __init__(self, model: nn.Module, name: str, weights_origin: str, input_norm: str = "imagenet"):
-        super().__init__(name, EFFICIENTNET_LITE0_CHANNELS, EFFICIENTNET_LITE0_STRIDES, weights_origin)
+    def __init__(self, model: nn.Module, name: str, weights_origin: str, input_norm: str = "imagenet",
+                 blocks: Optional[Sequence[int]] = None):
+        self.feature_blocks = lite0_blocks(blocks)
+        super().__init__(name, [EFFICIENTNET_LITE0_BLOCK_CHANNELS[b] for b in self.feature_blocks],
+                         [EFFICIENTNET_LITE0_BLOCK_STRIDES[b] for b in self.feature_blocks], weights_origin)
         if input_norm not in ("imagenet", "raw"):
             raise ValueError(f"input_norm must be 'imagenet' or 'raw', got {input_norm!r}")
         self.input_norm = input_norm
-        last = max(EFFICIENTNET_LITE0_BLOCKS)
-        # Keep the stem and blocks 0..10; the head and classifier are never used.
+        last = max(self.feature_blocks)
+        # Keep the stem and the blocks up to the last one used; the head and classifier are never used.
         self.stem = model._conv_stem
         self.bn0 = model._bn0
         self.act = model._swish
@@ -278,7 +297,7 @@ class EfficientNetLite0Backbone(FeatureExtractor):
         for idx, block in enumerate(self.blocks):
             # drop connect is inactive in eval mode; the rate is passed as the package does
             x = block(x, drop_connect_rate=self.drop_connect_rate * idx / self.n_blocks_total)
-            if idx in EFFICIENTNET_LITE0_BLOCKS:
+            if idx in self.feature_blocks:
                 out.append(x)
         return out
 
@@ -321,7 +340,8 @@ def _create_timm(name: str, pretrained: bool, weights: Optional[str], **kwargs) 
 
 def build_backbone(name: str, *, pretrained: bool = True, weights: Optional[str] = None,
                    out_indices: Optional[Sequence[int]] = (1, 2, 3), vit_block_index: Optional[int] = None,
-                   image_size: Optional[ImageSize] = None, input_norm: str = "imagenet") -> FeatureExtractor:
+                   image_size: Optional[ImageSize] = None, input_norm: str = "imagenet",
+                   feature_blocks: Optional[Sequence[int]] = None) -> FeatureExtractor:
     """Build a frozen feature extractor.
 
     Args:
@@ -336,12 +356,16 @@ def build_backbone(name: str, *, pretrained: bool = True, weights: Optional[str]
       image_size: input size; for transformers it sets timm's ``img_size`` (position embeddings
         are resampled when it differs from the native size).
       input_norm: efficientnet_lite0 only, see :class:`EfficientNetLite0Backbone`.
+      feature_blocks: efficientnet_lite0 only: the MBConv blocks (0..15) whose outputs are used
+        (default 2, 4, 10; e.g. (4, 10) or (4, 10, 15)).
     """
     b = base_name(name)
+    if feature_blocks is not None and b != EFFICIENTNET_LITE0:
+        raise ValueError(f"feature_blocks is for efficientnet_lite0; {name!r} takes out_indices")
     if b == EFFICIENTNET_LITE0:
         if out_indices is not None and tuple(out_indices) not in ((1, 2, 3),):
-            raise ValueError(f"efficientnet_lite0 gives the outputs of blocks {EFFICIENTNET_LITE0_BLOCKS} "
-                             f"(strides 4/8/16); out_indices={tuple(out_indices)} is not supported")
+            raise ValueError(f"efficientnet_lite0 takes feature_blocks= (MBConv block indices, default "
+                             f"{EFFICIENTNET_LITE0_BLOCKS}), not out_indices={tuple(out_indices)}")
         from efficientnet_lite_pytorch import EfficientNet
 
         # image_size=None: TF "SAME" padding computed per input (static padding assumes 224).
@@ -367,7 +391,7 @@ def build_backbone(name: str, *, pretrained: bool = True, weights: Optional[str]
                 raise BackboneWeightsError(
                     f"the weights file {path!r} does not fit efficientnet-lite0: missing keys {missing[:10]}, "
                     f"unexpected keys {list(result.unexpected_keys)[:10]}")
-        return EfficientNetLite0Backbone(model.eval(), name, origin, input_norm=input_norm)
+        return EfficientNetLite0Backbone(model.eval(), name, origin, input_norm=input_norm, blocks=feature_blocks)
 
     if is_vit_name(name):
         cfg = VIT_CONFIGS.get(b, {})

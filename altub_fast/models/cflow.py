@@ -9,11 +9,12 @@ Training follows gudovskiy/cflow-ad: for each image batch and each layer, the B*
 shuffled and split into fiber batches (``fiber_batch_size``, 256; the incomplete remainder is
 dropped, as there), one optimiser update per fiber batch; loss = mean of -logsigmoid(log p / C).
 
-Scoring: per layer exp(log p / C - max), upsampled (align_corners=True), summed over layers;
-anomaly map = max - sum. The max is taken over the whole test set (as the official code does):
-:meth:`CFlow.maps_from_log_likelihoods` takes all test log-likelihoods at once, and
-``altub_fast.train.predict`` uses it. :meth:`CFlow.anomaly_map` on a single batch uses that batch
-as the set (scores then depend on the batch composition, as anomalib's do).
+Scoring (:mod:`altub_fast.models.scoring`): every fiber's log p is already its full
+log-likelihood (base plus its log-det). ``score="cflow"`` is CFLOW-AD's map, per layer
+exp(log p / C - max) upsampled (align_corners=True) and summed, map = max - sum, with both maxima
+taken over held-out normal training images (the official code takes them over the test set, anomalib
+over the batch: either makes a score depend on the other images scored). The default, "loglik",
+standardises each layer's log p / C by held-out normal statistics and averages the layers.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from .backbones import (EFFICIENTNET_LITE0, FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name,
                         build_backbone, is_vit_name, nonfinite_flow_parts)
 from .common import FlowModel
+from .scoring import MapScorer, ScaleLogLik
 
 Features = Union[List[Tensor], Tuple[Tensor, ...]]
 FiberUnit = Tuple[int, Tensor, Tensor]   # (layer, fibers (N, C), conditions (N, P))
@@ -87,6 +89,9 @@ class CFlow(FlowModel):
         gudovskiy/cflow-ad uses True (a random rotation; slow to build for C = 2048).
       impl, clamp_mode: passed to every block.
       inference_chunk: fibers per flow call when scoring (bounds memory).
+      score, image_score, topk_fraction: the anomaly map and image score (see
+        :mod:`altub_fast.models.scoring`; default "loglik" and "max").
+      feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
     """
 
     model_name = "cflow"
@@ -98,7 +103,8 @@ class CFlow(FlowModel):
                  out_indices: Optional[Sequence[int]] = None, condition_dim: int = 128, coupling_blocks: int = 8,
                  clamp: float = 1.9, fiber_batch_size: int = 256, permute_soft: bool = False,
                  clamp_mode: str = "legacy", impl: Optional[str] = None, check_finite: bool = True,
-                 inference_chunk: int = 65536):
+                 inference_chunk: int = 65536, score: Optional[str] = None, image_score: Optional[str] = None,
+                 topk_fraction: Optional[float] = None, feature_blocks: Optional[Sequence[int]] = None):
         super().__init__()
         if condition_dim % 4 != 0:
             raise ValueError(f"condition_dim must be a multiple of 4, got {condition_dim}")
@@ -112,7 +118,7 @@ class CFlow(FlowModel):
             effnet = base_name(backbone) == EFFICIENTNET_LITE0
             idx = None if effnet else (tuple(out_indices) if out_indices is not None else (2, 3, 4))
             self.backbone = build_backbone(backbone, pretrained=pretrained, weights=weights, out_indices=idx,
-                                           image_size=self.image_size)
+                                           image_size=self.image_size, feature_blocks=feature_blocks)
         if self.backbone.kind == "vit":
             raise ValueError("CFlow takes CNN backbones (multi-scale feature maps), not transformers")
         self.altub = bool(altub)
@@ -128,12 +134,17 @@ class CFlow(FlowModel):
                                                      permute_soft, clamp_mode, impl) for c in self.channels])
         self.bases = nn.ModuleList([LearnableGaussian(c, learnable=self.altub) for c in self.channels])
         self._pos_cache: Dict[Tuple[int, int, str], Tensor] = {}
+        self.scorer = MapScorer(len(self.channels), self.image_size, score, image_score, topk_fraction)
+        blocks = getattr(self.backbone, "feature_blocks", None)
         self.config = dict(name=self.model_name, backbone=self.backbone.name, image_size=list(self.image_size),
                            pretrained=pretrained, weights=weights, altub=self.altub,
                            out_indices=list(out_indices) if out_indices is not None else None,
                            condition_dim=self.condition_dim, coupling_blocks=self.coupling_blocks, clamp=self.clamp,
                            fiber_batch_size=self.fiber_batch_size, permute_soft=permute_soft, clamp_mode=clamp_mode,
-                           impl=impl, backbone_weights_origin=self.backbone.weights_origin)
+                           impl=impl, backbone_weights_origin=self.backbone.weights_origin,
+                           inference_chunk=self.inference_chunk, score=self.scorer.mode,
+                           image_score=self.scorer.image_rule, topk_fraction=self.scorer.topk_fraction,
+                           feature_blocks=list(blocks) if blocks is not None else None)
 
     # ------------------------------------------------------------------ parameter groups
     @property
@@ -225,64 +236,40 @@ class CFlow(FlowModel):
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def log_likelihoods(self, x: Union[Tensor, Features]) -> List[Tensor]:
-        """Per layer (B, h, w) float32: log p / C of every position (the normalised likelihood)."""
+    def score_parts(self, x: Union[Tensor, Features]) -> List[ScaleLogLik]:
+        """Per layer (B, h, w) float32: log p / C of every position (the full log-likelihood per
+        dimension) and the base term alone / C."""
         feats = self._as_features(x)
         out = []
         for layer, f in enumerate(feats):
             B, C, h, w = f.shape
             e, c = self.fibers(f)
-            parts = []
+            full, base = [], []
             for s in range(0, e.shape[0], self.inference_chunk):
-                parts.append(self.fiber_loglik(layer, e[s:s + self.inference_chunk], c[s:s + self.inference_chunk]).log_prob)
-            ll = (torch.cat(parts).float() / C).reshape(B, h, w)
+                o = self.fiber_loglik(layer, e[s:s + self.inference_chunk], c[s:s + self.inference_chunk])
+                full.append(o.log_prob.float())
+                base.append(o.logp_sample.float())
+            ll = (torch.cat(full) / C).reshape(B, h, w)
+            lb = (torch.cat(base) / C).reshape(B, h, w)
             if self.check_finite and not bool(torch.isfinite(ll).all()):
                 raise NonFiniteError(f"CFlow log-likelihood of layer {layer} holds NaN/Inf: "
                                      + self.diagnose_nonfinite((layer, e, c)))
-            out.append(ll)
+            out.append(ScaleLogLik(ll, lb))
         return out
 
     @torch.no_grad()
-    def maps_from_log_likelihoods(self, log_likelihoods: Sequence[Tensor], image_size: Optional[ImageSize] = None,
-                                  chunk: int = 32) -> Tuple[Tensor, Tensor]:
-        """Anomaly maps of a whole set from all its log-likelihoods at once.
-
-        ``log_likelihoods``: per layer (N, h, w) (as :meth:`log_likelihoods`, concatenated over
-        the set). Per layer exp(ll - max over the set) (float64), bilinear upsampling with
-        align_corners=True, sum over layers; map = max over the set - sum. Returns (maps (N, H, W)
-        float32 on the CPU, scores (N,) = per-image max of the map).
-        """
-        size = as_hw(image_size) if image_size is not None else self.image_size
-        lls = [ll.detach().cpu().double() for ll in log_likelihoods]
-        if len(lls) != self.num_scales:
-            raise ValueError(f"expected {self.num_scales} layers of log-likelihoods, got {len(lls)}")
-        n = lls[0].shape[0]
-        maxes = [ll.max() for ll in lls]
-        score = torch.empty(n, *size, dtype=torch.float64)
-        for s in range(0, n, chunk):
-            acc = torch.zeros(min(chunk, n - s), *size, dtype=torch.float64)
-            for ll, mx in zip(lls, maxes):
-                prob = torch.exp(ll[s:s + chunk] - mx).unsqueeze(1)
-                acc += F.interpolate(prob, size=size, mode="bilinear", align_corners=True).squeeze(1)
-            score[s:s + chunk] = acc
-        maps = (score.max() - score).float()
-        if self.check_finite and not bool(torch.isfinite(maps).all()):
-            raise NonFiniteError("CFlow anomaly maps hold NaN/Inf (non-finite log-likelihoods)")
-        return maps, maps.flatten(1).amax(dim=1)
+    def log_likelihoods(self, x: Union[Tensor, Features]) -> List[Tensor]:
+        """Per layer (B, h, w) float32: log p / C of every position (the normalised likelihood)."""
+        return [p.ll_full for p in self.score_parts(x)]
 
     @torch.no_grad()
-    def anomaly_map(self, x: Union[Tensor, Features]) -> Tuple[Tensor, Tensor]:
-        """(maps (B, H, W) float32, scores (B,)) using this batch as the set for the max (see the
-        module docstring; prefer ``altub_fast.train.predict`` for test-set scores)."""
-        size = tuple(x.shape[-2:]) if torch.is_tensor(x) else self.image_size
-        maps, scores = self.maps_from_log_likelihoods(self.log_likelihoods(x), size)
-        dev = x.device if torch.is_tensor(x) else x[0].device
-        return maps.to(dev), scores.to(dev)
-
-    # predict() protocol: collect log-likelihoods per batch, normalise over the whole set at the end.
-    def partial_anomaly_map(self, x: Union[Tensor, Features]) -> List[Tensor]:
-        return [ll.cpu() for ll in self.log_likelihoods(x)]
-
-    def combine_anomaly_maps(self, parts: Sequence[List[Tensor]]) -> Tuple[Tensor, Tensor]:
-        lls = [torch.cat([p[l] for p in parts]) for l in range(self.num_scales)]
-        return self.maps_from_log_likelihoods(lls)
+    def nll_per_dim(self, x: Union[Tensor, Features]) -> Tensor:
+        """(B,) float32: each image's negative log-likelihood in nats per dimension, over all layers
+        (every position's fiber, base and log-det, with the constant)."""
+        feats = self._as_features(x)
+        total, dims = 0.0, 0
+        for p, f in zip(self.score_parts(feats), feats):
+            C = f.shape[1]
+            total = total - p.ll_full.flatten(1).sum(1) * C
+            dims += f[0].numel()
+        return total / dims

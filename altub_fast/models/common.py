@@ -1,16 +1,23 @@
-"""What FastFlow and CFLOW-AD share: a frozen backbone, per-scale bases and the trainer's protocol."""
+"""What FastFlow and CFLOW-AD share: a frozen backbone, per-scale bases, the trainer's protocol and
+the scoring protocol (per-scale log-likelihoods -> :class:`~altub_fast.models.scoring.MapScorer`)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .backbones import NonFiniteError
+from .scoring import MapScorer, ScaleLogLik, concat_parts
+
 
 class FlowModel(nn.Module):
-    """Base of the flow models. Subclasses set ``self.backbone`` (a frozen FeatureExtractor) and
-    ``self.bases`` (one LearnableGaussian per scale or layer) and implement ``flow_parameters``."""
+    """Base of the flow models. Subclasses set ``self.backbone`` (a frozen FeatureExtractor),
+    ``self.bases`` (one LearnableGaussian per scale or layer) and ``self.scorer`` (a MapScorer), and
+    implement ``flow_parameters``, ``_as_features``, ``score_parts`` and ``nll_per_dim``."""
+
+    scorer: MapScorer
 
     def base_parameters(self) -> List[nn.Parameter]:
         """theta_base: mu and log sigma of every scale (empty when altub=False)."""
@@ -30,3 +37,66 @@ class FlowModel(nn.Module):
         self._check_images(images)
         self.backbone.eval()
         return self.backbone(images)
+
+    # ------------------------------------------------------------------ scoring
+    def score_parts(self, x) -> List[ScaleLogLik]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nll_per_dim(self, x) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def score_mode(self) -> str:
+        return self.scorer.mode
+
+    @property
+    def calibrated(self) -> bool:
+        """True once :meth:`calibrate` has set the score normalisation from held-out normal images."""
+        return self.scorer.is_calibrated
+
+    def _out_size(self, x) -> Tuple[int, int]:
+        return tuple(x.shape[-2:]) if torch.is_tensor(x) else tuple(self.image_size)
+
+    @torch.no_grad()
+    def anomaly_map(self, x: Union[Tensor, Sequence[Tensor]]) -> Tuple[Tensor, Tensor]:
+        """(maps (B, H, W) float32, scores (B,)) in the model's score mode (see
+        :mod:`altub_fast.models.scoring`). Each image's map depends on that image and the model
+        alone (its calibration constants), never on the other images of the batch."""
+        maps, scores = self.scorer(self.score_parts(x), size=self._out_size(x))
+        if getattr(self, "check_finite", True) and not bool(torch.isfinite(maps).all()):
+            raise NonFiniteError(f"{type(self).__name__} anomaly map holds NaN/Inf (score={self.score_mode!r}, "
+                                 f"calibrated={self.calibrated})")
+        return maps, scores
+
+    # predict() protocol: per-batch parts, then one combination (every map is per image).
+    def partial_anomaly_map(self, x) -> Tuple[Tensor, Tensor]:
+        return self.anomaly_map(x)
+
+    @staticmethod
+    def combine_anomaly_maps(parts: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        return torch.cat([p[0].cpu() for p in parts]), torch.cat([p[1].cpu() for p in parts])
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable) -> Tensor:
+        """Set the score normalisation from held-out **normal** images and return their image scores.
+
+        ``batches``: an iterable of image batches (B, 3, H, W) or of per-scale feature lists (as the
+        trainer's feature cache holds them). Sets every score mode's constants (see
+        :meth:`MapScorer.fit`), then scores the same images in the model's mode: (N,) float32 on the
+        CPU, the input of a false-alarm-rate threshold.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            per_batch = [[ScaleLogLik(None if p.ll_full is None else p.ll_full.cpu(), p.ll_base.cpu())
+                          for p in self.score_parts(b)] for b in batches]
+            if not per_batch:
+                raise ValueError("calibrate() needs at least one batch of held-out normal images")
+            dev = self.scorer.loc.device
+            parts = [ScaleLogLik(None if p.ll_full is None else p.ll_full.to(dev), p.ll_base.to(dev))
+                     for p in concat_parts(per_batch)]
+            self.scorer.fit(parts)
+            maps = self.scorer.maps(parts)
+            return self.scorer.image_scores(maps).float().cpu()
+        finally:
+            self.train(was_training)

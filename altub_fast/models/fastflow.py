@@ -22,6 +22,7 @@ from ..reference import LOG_2PI
 from .backbones import (FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone,
                         nonfinite_flow_parts)
 from .common import FlowModel
+from .scoring import ScaleLogLik, MapScorer
 
 #: Per-backbone defaults (gathierry/FastFlow and anomalib's configurations).
 FASTFLOW_DEFAULTS: Dict[str, dict] = {
@@ -100,6 +101,8 @@ class FastFlowOutput(NamedTuple):
     log_jac_det: List[Tensor]    # (B,)
     logp_pixel: List[Tensor]     # (B, h, w), summed over channels
     logp_sample: List[Tensor]    # (B,), base term only
+    log_jac_det_pixel: List[Optional[Tensor]]  # (B, h, w): each pixel's share of the flow's log-det
+                                 # (None with FrEIA's own blocks); the LayerNorm's share is separate
 
 
 class FastFlow(FlowModel):
@@ -116,6 +119,13 @@ class FastFlow(FlowModel):
       impl: implementation switch passed to every block (None: ``ALTUB_FAST_IMPL``).
       block: "altub" (default) or "freia" (FrEIA 0.2's AllInOneBlock, the reference, for comparisons).
       check_finite: raise :class:`NonFiniteError` on NaN/Inf in the loss or the maps.
+      norm_logdet: count the trainable LayerNorm's elementwise scale in the log-determinant of the
+        loss (True, the default: the loss is then the exact NLL of the standardised features and
+        cannot fall by shrinking the LayerNorm weights). False: the published FastFlow loss, which
+        leaves it out (gathierry/FastFlow, anomalib).
+      score, image_score, topk_fraction: the anomaly map and image score (see
+        :mod:`altub_fast.models.scoring`; default "loglik" and "max").
+      feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
 
     ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
     tuple of tensors, one per scale, as :meth:`extract_features` returns them).
@@ -130,7 +140,9 @@ class FastFlow(FlowModel):
                  flow_steps: Optional[int] = None, hidden_ratio: Optional[float] = None,
                  conv3x3_only: Optional[bool] = None, clamp: float = 2.0, clamp_mode: str = "legacy",
                  out_indices: Optional[Sequence[int]] = None, vit_block_index: Optional[int] = None,
-                 impl: Optional[str] = None, block: str = "altub", check_finite: bool = True):
+                 impl: Optional[str] = None, block: str = "altub", check_finite: bool = True,
+                 norm_logdet: bool = True, score: Optional[str] = None, image_score: Optional[str] = None,
+                 topk_fraction: Optional[float] = None, feature_blocks: Optional[Sequence[int]] = None):
         super().__init__()
         block_class(block, clamp_mode, impl)  # validate before building the backbone
         self.image_size = as_hw(image_size)
@@ -139,7 +151,8 @@ class FastFlow(FlowModel):
         else:
             self.backbone = build_backbone(backbone, pretrained=pretrained, weights=weights,
                                            out_indices=out_indices if out_indices is not None else (1, 2, 3),
-                                           vit_block_index=vit_block_index, image_size=self.image_size)
+                                           vit_block_index=vit_block_index, image_size=self.image_size,
+                                           feature_blocks=feature_blocks)
         name = self.backbone.name
         vit = self.backbone.kind == "vit"
         d = dict(FASTFLOW_DEFAULTS.get(base_name(name), _VIT_DEFAULT if vit else _CNN_DEFAULT))
@@ -158,12 +171,18 @@ class FastFlow(FlowModel):
                                                   block=block)
                                     for s in self.feature_shapes])
         self.bases = nn.ModuleList([LearnableGaussian(s[0], learnable=self.altub) for s in self.feature_shapes])
+        self.norm_logdet = bool(norm_logdet)
+        self.scorer = MapScorer(len(self.feature_shapes), self.image_size, score, image_score, topk_fraction)
+        blocks = getattr(self.backbone, "feature_blocks", None)
         self.config = dict(name=self.model_name, backbone=name, image_size=list(self.image_size),
                            pretrained=pretrained, weights=weights, altub=self.altub, flow_steps=self.flow_steps,
                            hidden_ratio=self.hidden_ratio, conv3x3_only=self.conv3x3_only, clamp=self.clamp,
                            clamp_mode=clamp_mode, out_indices=list(out_indices) if out_indices is not None else None,
                            vit_block_index=vit_block_index, impl=impl, block=block,
-                           backbone_weights_origin=self.backbone.weights_origin)
+                           backbone_weights_origin=self.backbone.weights_origin, norm_logdet=self.norm_logdet,
+                           score=self.scorer.mode, image_score=self.scorer.image_rule,
+                           topk_fraction=self.scorer.topk_fraction,
+                           feature_blocks=list(blocks) if blocks is not None else None)
 
     # ------------------------------------------------------------------ parameter groups
     @property
@@ -193,9 +212,18 @@ class FastFlow(FlowModel):
         return feats
 
     # ------------------------------------------------------------------ forward and loss
+    def norm_logdet_pixel(self, i: int) -> Optional[Tensor]:
+        """(h, w) float32: scale ``i``'s LayerNorm elementwise log|weight| summed over channels (its
+        log-det per pixel; the standardisation before it is a fixed map of the features), or None
+        for a scale without a trainable LayerNorm (transformers)."""
+        norm = self.norms[i]
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+            return None
+        return torch.log(norm.weight.float().abs()).sum(dim=0)
+
     def forward(self, x: Union[Tensor, Features]) -> FastFlowOutput:
         feats = self._as_features(x)
-        zs, ljds, lpp, lps = [], [], [], []
+        zs, ljds, lpp, lps, ldp = [], [], [], [], []
         loss = 0.0
         for i, f in enumerate(feats):
             out = self.flows[i].forward_loglik(self.norms[i](f), base=self.bases[i])
@@ -203,12 +231,17 @@ class FastFlow(FlowModel):
             # NLL without the constant: -(log p_base + 0.5 log(2 pi) * numel) - log|det J|.
             # With the fixed N(0, I) this is the baseline's 0.5 * sum z^2 - log|det J|.
             nll = -(out.logp_sample + (0.5 * LOG_2PI) * numel) - out.log_jac_det
+            if self.norm_logdet:
+                ln = self.norm_logdet_pixel(i)
+                if ln is not None:
+                    nll = nll - ln.sum()
             loss = loss + nll.mean()
             zs.append(out.z)
             ljds.append(out.log_jac_det)
             lpp.append(out.logp_pixel)
             lps.append(out.logp_sample)
-        return FastFlowOutput(loss, zs, ljds, lpp, lps)
+            ldp.append(out.log_jac_det_pixel)
+        return FastFlowOutput(loss, zs, ljds, lpp, lps, ldp)
 
     def loss(self, x: Union[Tensor, Features]) -> Tensor:
         return self(x).loss
@@ -250,30 +283,44 @@ class FastFlow(FlowModel):
                 parts += nonfinite_flow_parts(f"scale {i}", z, ljd, self.bases[i])
             return "; ".join(parts) or "features, z, log-dets and base are finite (overflow in the sum)"
 
-    # ------------------------------------------------------------------ anomaly maps
+    # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def anomaly_map(self, x: Union[Tensor, Features]) -> Tuple[Tensor, Tensor]:
-        """(maps (B, H, W) float32, scores (B,)): per scale -exp(mean over channels of log p(z)
-        without the constant), bilinear upsampling (align_corners=False) to the input size, mean
-        over scales; the score is the max of the map (SPEC 3)."""
-        out_size = tuple(x.shape[-2:]) if torch.is_tensor(x) else self.image_size
+    def score_parts(self, x: Union[Tensor, Features]) -> List[ScaleLogLik]:
+        """Per scale, the per-dimension log-likelihoods of every feature-map pixel (B, h, w):
+        full (base log p(z) summed over channels + the pixel's log-det share of the flow and of the
+        LayerNorm, divided by C) and base-only (see :mod:`altub_fast.models.scoring`)."""
         out = self(x)
-        maps = []
-        for z, lpp in zip(out.z, out.logp_pixel):
+        parts = []
+        for i, (z, lpp, ldp) in enumerate(zip(out.z, out.logp_pixel, out.log_jac_det_pixel)):
             C = z.shape[1]
-            mean_logp = lpp.float() / C + 0.5 * LOG_2PI     # mean over channels, constant dropped
-            m = -torch.exp(mean_logp).unsqueeze(1)
-            maps.append(F.interpolate(m, size=out_size, mode="bilinear", align_corners=False))
-        amap = torch.stack(maps, dim=-1).mean(dim=-1).squeeze(1).float()
-        if self.check_finite and not bool(torch.isfinite(amap).all()):
-            raise NonFiniteError("FastFlow anomaly map holds NaN/Inf: " + self.diagnose_nonfinite(self._as_features(x)))
-        return amap, amap.flatten(1).amax(dim=1)
+            full = None
+            if ldp is not None:
+                full = lpp.float() + ldp.float()
+                ln = self.norm_logdet_pixel(i)
+                if ln is not None:
+                    full = full + ln
+                full = full / C
+            parts.append(ScaleLogLik(full, lpp.float() / C))
+        if self.check_finite:
+            for i, p in enumerate(parts):
+                if not bool(torch.isfinite(p.ll_base).all()) or (p.ll_full is not None
+                                                                 and not bool(torch.isfinite(p.ll_full).all())):
+                    raise NonFiniteError(f"FastFlow log-likelihood of scale {i} holds NaN/Inf: "
+                                         + self.diagnose_nonfinite(self._as_features(x)))
+        return parts
 
-    # predict() protocol: per-batch parts, then one combination (FastFlow's maps are per image).
-    def partial_anomaly_map(self, x: Union[Tensor, Features]) -> Tuple[Tensor, Tensor]:
-        return self.anomaly_map(x)
-
-    @staticmethod
-    def combine_anomaly_maps(parts: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        maps = torch.cat([p[0].cpu() for p in parts])
-        return maps, maps.flatten(1).amax(dim=1)
+    @torch.no_grad()
+    def nll_per_dim(self, x: Union[Tensor, Features]) -> Tensor:
+        """(B,) float32: each image's negative log-likelihood in nats per dimension, over all scales,
+        with every log-det (flow and LayerNorm) and the constant: the exact NLL of the standardised
+        features, whatever ``norm_logdet`` says the training loss counts."""
+        out = self(x)
+        total, dims = 0.0, 0
+        for i, (z, lps, ljd) in enumerate(zip(out.z, out.logp_sample, out.log_jac_det)):
+            ll = lps.float() + ljd.float()
+            ln = self.norm_logdet_pixel(i)
+            if ln is not None:
+                ll = ll + ln.sum()
+            total = total - ll
+            dims += z[0].numel()
+        return total / dims
