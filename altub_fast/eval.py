@@ -153,13 +153,15 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     res = predict(model, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
                   amp=args.amp)
     infer_s = time.perf_counter() - t0
-    if res["masks"] is None or res["labels"] is None:
-        raise RuntimeError("the test set gave no masks/labels")
-    metrics = compute_all(res["maps"], res["masks"], res["labels"])
+    if res["labels"] is None:
+        raise RuntimeError("the test set gave no labels")
+    # a test set without masks (no ground_truth/): image metrics only, pixel metrics None ("n/a")
+    metrics = compute_all(res["maps"], res["masks"], res["labels"], res["scores"])
     backbone = model.backbone
     record = {
         "label": label,
-        "metrics": {k: float(v) for k, v in metrics.items()},
+        "metrics": {k: None if v is None else float(v) for k, v in metrics.items()},
+        "pixel_metrics_available": res["masks"] is not None,
         # end to end, feature extraction (and the first read of the images) included
         "train_seconds": train_s,
         "train_images_per_s_end_to_end": (trained_images / train_s) if (not args.checkpoint and train_s > 0) else None,
@@ -188,9 +190,10 @@ def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
 
     res = record["_predictions"]
     written = []
-    roc = out_dir / f"roc_{record['label']}.png"
-    save_roc_curves(res["scores"], res["labels"], res["maps"], res["masks"], str(roc))
-    written.append(str(roc))
+    if res["masks"] is not None:   # save_roc_curves draws the image and the pixel curve
+        roc = out_dir / f"roc_{record['label']}.png"
+        save_roc_curves(res["scores"], res["labels"], res["maps"], res["masks"], str(roc))
+        written.append(str(roc))
     if n > 0:
         # the highest-scoring defective images and the highest-scoring good ones (likely false alarms)
         order = torch.argsort(res["scores"], descending=True).tolist()
@@ -199,7 +202,8 @@ def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
         idx = bad + good
         images = torch.stack([test_ds[i]["image"] for i in idx])
         paths = [res["paths"][i] if res["paths"] else f"image_{i}" for i in idx]
-        files = save_overlays(images, res["maps"][idx], res["masks"][idx], paths,
+        masks = res["masks"][idx] if res["masks"] is not None else None
+        files = save_overlays(images, res["maps"][idx], masks, paths,
                               str(out_dir / f"overlays_{record['label']}"))
         written += [str(f) for f in (files or [])]
     return written
@@ -208,12 +212,12 @@ def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
 def format_table(records: List[dict]) -> str:
     rows = [("", *[r["label"] for r in records])]
 
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
+    def fmt(v, spec, missing="-"):
+        return missing if v is None else format(v, spec)
     rows += [
         ("image AUROC", *[fmt(r["metrics"]["image_auroc"], ".4f") for r in records]),
-        ("pixel AUROC", *[fmt(r["metrics"]["pixel_auroc"], ".4f") for r in records]),
-        ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f") for r in records]),
+        ("pixel AUROC", *[fmt(r["metrics"]["pixel_auroc"], ".4f", "n/a (no masks)") for r in records]),
+        ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f", "n/a (no masks)") for r in records]),
         ("train images/s (epochs)", *[fmt(r["train_images_per_s"], ".1f") for r in records]),
         ("inference images/s", *[fmt(r["inference_images_per_s"], ".1f") for r in records]),
         ("backbone", *[r["backbone"] for r in records]),
@@ -315,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],
     }
     if len(records) == 2:
-        results["difference"] = {k: records[0]["metrics"][k] - records[1]["metrics"][k]
+        results["difference"] = {k: (None if records[0]["metrics"][k] is None or records[1]["metrics"][k] is None
+                                     else records[0]["metrics"][k] - records[1]["metrics"][k])
                                  for k in records[0]["metrics"]}
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=str))

@@ -392,17 +392,18 @@ def aupro(
 
 def compute_all(
     maps: ArrayLike,
-    masks: ArrayLike,
+    masks: Optional[ArrayLike],
     labels: ArrayLike,
     scores: Optional[ArrayLike] = None,
     *,
     fpr_limit: float = 0.3,
-) -> Dict[str, float]:
+) -> Dict[str, Optional[float]]:
     """Image AUROC, pixel AUROC and AUPRO in one dict.
 
     Args:
         maps: anomaly maps (higher = more anomalous).
-        masks: ground-truth masks at the maps' resolution.
+        masks: ground-truth masks at the maps' resolution, or ``None`` for a test set without masks
+            (then ``pixel_auroc`` and ``aupro`` are ``None``: not available, not an error).
         labels: image labels (0 good, 1 defective); needed because a defective image may have an
             empty mask.
         scores: per-image scores; default the maximum of each map (SPEC 5).
@@ -417,6 +418,9 @@ def compute_all(
             stack.chunk(i, min(stack.n, i + per_chunk)).reshape(-1, stack.pixels_per_image).max(axis=1)
             for i in range(0, stack.n, per_chunk)
         ])
-    result = {"pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks, fpr_limit=fpr_limit)}
+    if masks is None:
+        result: Dict[str, Optional[float]] = {"pixel_auroc": None, "aupro": None}
+    else:
+        result = {"pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks, fpr_limit=fpr_limit)}
     result["image_auroc"] = image_auroc(scores, labels)
     return result

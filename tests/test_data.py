@@ -139,6 +139,41 @@ def test_missing_mask_names_image(root: Path) -> None:
     MVTecAD(root, "widget", "train")  # the train split does not need masks
 
 
+def test_missing_mask_folder_in_a_masked_category_names_the_image(root: Path) -> None:
+    # ground_truth/ exists but holds no folder for this defect: still an error, naming the file
+    _save(root / "widget/test/dent/000.png", _rgb(32, 32, 9))
+    with pytest.raises(DatasetNotFoundError, match=r"dent/000\.png has no mask.*ground_truth/dent/000_mask\.png"):
+        MVTecAD(root, "widget", "test")
+
+
+def test_category_without_masks_loads_with_masks_absent(root: Path) -> None:
+    import shutil
+
+    shutil.rmtree(root / "widget/ground_truth")
+    ds = MVTecAD(root, "widget", "test", image_size=16)
+    assert not ds.has_masks and ds.labels == [0, 1, 1, 1]
+    assert all(s.mask_path is None for s in ds.samples)
+    for i in range(len(ds)):
+        assert set(ds[i]) == {"image", "label", "defect", "path"}
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert "mask" not in batch and batch["label"].tolist() == [0, 1, 1, 1]
+    assert MVTecAD(root, "widget", "train").has_masks   # good images: their masks are known to be empty
+    assert MVTecAD(root, "widget", "test").has_masks is False
+
+
+def test_validation_split(root: Path) -> None:
+    assert not MVTecAD.has_validation(root, "widget")
+    with pytest.raises(DatasetNotFoundError, match=r"validation folder not found: .*validation/good"):
+        MVTecAD(root, "widget", "validation")
+    _save(root / "widget/validation/good/000.png", _rgb(32, 32, 10))
+    _save(root / "widget/validation/good/001.png", _rgb(32, 32, 11))
+    assert MVTecAD.has_validation(root, "widget")
+    ds = MVTecAD(root, "widget", "validation", image_size=16)
+    assert len(ds) == 2 and ds.labels == [0, 0] and ds.has_masks
+    assert [Path(p).name for p in ds.paths] == ["000.png", "001.png"]
+    assert "validation" in ds.paths[0] and ds[1]["mask"].sum() == 0
+
+
 def test_corrupt_image_named_at_getitem(root: Path) -> None:
     bad = root / "widget/train/good/002.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
@@ -199,3 +234,14 @@ def test_magnetic_tile_loads_unchanged(shared_data) -> None:
     assert len(empty) == 4 and {test.samples[i].defect for i in empty} == {"uneven"}
     item = test[empty[0]]
     assert item["label"] == 1 and item["mask"].sum() == 0
+
+
+def test_bottle_has_no_masks(shared_data) -> None:
+    if not (shared_data / "bottle").is_dir():
+        pytest.skip("shared/data/bottle not found")
+    test = MVTecAD(shared_data, "bottle", "test", image_size=32)
+    assert not test.has_masks and len(test) == 83
+    assert test.labels.count(0) == 20 and test.defects == ["broken_large", "broken_small", "contamination"]
+    item = test[test.labels.index(1)]
+    assert "mask" not in item and item["label"] == 1 and item["image"].shape == (3, 32, 32)
+    assert len(MVTecAD(shared_data, "bottle", "train", image_size=32)) == 209

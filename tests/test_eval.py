@@ -127,3 +127,36 @@ def test_cflow_through_the_cli(tmp_path):
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= run["metrics"][k] <= 1.0
     assert (tmp_path / "o" / "roc_altub_fast.png").is_file()
+
+
+def test_category_without_masks_reports_image_metrics_only(tmp_path, capsys):
+    import shutil
+
+    from altub_fast.data import make_synthetic_carpet
+
+    cat = make_synthetic_carpet(tmp_path / "d", n_train=8, n_test_good=4, n_test_defect=2, size=64,
+                                category="nomask")
+    shutil.rmtree(cat / "ground_truth")
+    code = cli.main(["--category", "nomask", "--data-root", str(tmp_path / "d"), "--backbone", "efficientnet_lite0",
+                     "--image-size", "64", "--epochs", "1", "--flow-steps", "1", "--num-overlays", "2",
+                     "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert 0.0 <= run["metrics"]["image_auroc"] <= 1.0
+    assert run["metrics"]["pixel_auroc"] is None and run["metrics"]["aupro"] is None
+    assert run["pixel_metrics_available"] is False
+    assert "n/a" in capsys.readouterr().out
+    assert len(list((tmp_path / "o" / "overlays_altub_fast").glob("*.png"))) == 2
+
+
+def test_missing_mask_in_a_masked_category_is_an_error_naming_the_file(tmp_path, capsys):
+    from altub_fast.data import make_synthetic_carpet
+
+    cat = make_synthetic_carpet(tmp_path / "d", n_train=4, n_test_good=2, n_test_defect=1, size=64, category="m")
+    victim = sorted((cat / "ground_truth").glob("*/*_mask.png"))[0]
+    victim.unlink()
+    code = cli.main(["--category", "m", "--data-root", str(tmp_path / "d"), "--backbone", "efficientnet_lite0",
+                     "--image-size", "64", "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert victim.name.replace("_mask", "") in err and "has no mask" in err

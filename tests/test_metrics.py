@@ -212,6 +212,15 @@ def test_compute_all() -> None:
     assert out["aupro"] == pytest.approx(_reference_aupro(maps, masks), abs=1e-5)
 
 
+def test_compute_all_without_masks_gives_image_metrics_only() -> None:
+    maps, _ = _blobs(5, n=6, size=32)
+    labels = [1, 1, 1, 1, 1, 0]
+    scores = maps.reshape(6, -1).mean(axis=1)
+    out = compute_all(maps, None, labels, scores)
+    assert out["pixel_auroc"] is None and out["aupro"] is None
+    assert out["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------
 # PNG writers
 

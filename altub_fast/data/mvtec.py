@@ -6,11 +6,18 @@ Layout read by :class:`MVTecAD`::
     <root>/<category>/test/good/*.png
     <root>/<category>/test/<defect>/*.png
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+    <root>/<category>/validation/good/*.png          (optional: held-out normal images, MVTec 3D-AD)
 
 Any folder in this layout loads unchanged, MVTec AD itself as well as look-alikes such as the
 greyscale, variable-size ``magnetic_tile`` set: greyscale images become three channels, every image
 is resized to one size, and a defective image whose mask is empty is accepted (it is labelled 1 and
 contributes no positive pixel).
+
+Categories without masks. A category with no ``ground_truth/`` folder at all (a user with
+good/defective labels but no pixel masks, like ``shared/data/bottle``) loads with its masks marked
+absent: ``has_masks`` is False and test items carry no ``"mask"``, so image metrics can be computed
+and pixel metrics cannot. In a category that has ``ground_truth/``, a defective image without its
+mask stays an error naming the file.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
     "MVTecAD",
+    "SPLITS",
     "Sample",
     "denormalize",
     "load_image",
@@ -47,6 +55,7 @@ IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _GOOD = "good"
+SPLITS: Tuple[str, ...] = ("train", "test", "validation")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -66,7 +75,7 @@ class Sample:
         path: the image file.
         label: 0 for ``good``, 1 for any defect.
         defect: the defect folder name (``"good"`` for defect-free images).
-        mask_path: the ground-truth mask file, ``None`` for good images.
+        mask_path: the ground-truth mask file, ``None`` for good images and in a category without masks.
     """
 
     path: str
@@ -170,18 +179,25 @@ class MVTecAD(Dataset):
     Args:
         root: the folder holding category folders (``<root>/<category>/...``).
         category: the category folder name, e.g. ``"carpet"``.
-        split: ``"train"`` (``train/good`` only) or ``"test"`` (``test/good`` and every defect folder).
+        split: ``"train"`` (``train/good`` only), ``"test"`` (``test/good`` and every defect folder) or
+            ``"validation"`` (``validation/good``: held-out normal images, where the category has them;
+            see :meth:`has_validation`).
         image_size: output size, an int for square images or ``(height, width)``.
         normalize: apply ImageNet normalisation (mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225).
             With ``False`` images stay in [0, 1].
 
     Each item is a dict: ``image`` float32 (3, H, W); ``mask`` float32 (1, H, W) of 0/1 (zeros for good
-    images); ``label`` int (good 0, defect 1); ``defect`` str; ``path`` str.
+    images; absent from every item when ``has_masks`` is False); ``label`` int (good 0, defect 1);
+    ``defect`` str; ``path`` str.
+
+    ``has_masks``: False for the test split of a category without a ``ground_truth/`` folder (its
+    pixel metrics are not available); True otherwise.
 
     The file list is built and checked at construction (``self.samples``); images are decoded in
     ``__getitem__``. Problems raise :class:`DatasetError` (or :class:`DatasetNotFoundError`) naming the
     path: a missing root or category (listing the categories found), an empty ``train/good`` folder or
-    test split, a defective image without a mask, an unreadable image or mask.
+    test split, a defective image without a mask in a category that has ``ground_truth/``, an
+    unreadable image or mask.
     """
 
     def __init__(
@@ -192,8 +208,8 @@ class MVTecAD(Dataset):
         image_size: Union[int, Tuple[int, int]] = 256,
         normalize: bool = True,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         if len(image_size) != 2 or min(image_size) <= 0:
@@ -204,9 +220,17 @@ class MVTecAD(Dataset):
         self.image_size: Tuple[int, int] = (int(image_size[0]), int(image_size[1]))
         self.normalize = normalize
         self.category_dir = self._category_dir(self.root, category)
-        self.samples: List[Sample] = (
-            self._scan_train() if split == "train" else self._scan_test()
-        )
+        self.has_masks = split != "test" or (self.category_dir / "ground_truth").is_dir()
+        if split == "test":
+            self.samples: List[Sample] = self._scan_test()
+        else:
+            self.samples = self._scan_good(split)
+
+    @classmethod
+    def has_validation(cls, root: Union[str, os.PathLike], category: str) -> bool:
+        """Does ``<root>/<category>/validation/good`` exist and hold images?"""
+        folder = Path(root) / category / "validation" / _GOOD
+        return folder.is_dir() and bool(_list_images(folder))
 
     @staticmethod
     def categories(root: Union[str, os.PathLike]) -> List[str]:
@@ -231,13 +255,14 @@ class MVTecAD(Dataset):
             )
         return path
 
-    def _scan_train(self) -> List[Sample]:
-        good = self.category_dir / "train" / _GOOD
+    def _scan_good(self, split: str) -> List[Sample]:
+        good = self.category_dir / split / _GOOD
+        what = "training" if split == "train" else split
         if not good.is_dir():
-            raise DatasetNotFoundError(f"training folder not found: {good}")
+            raise DatasetNotFoundError(f"{what} folder not found: {good}")
         files = _list_images(good)
         if not files:
-            raise DatasetError(f"no images in training folder {good} (extensions {IMAGE_EXTENSIONS})")
+            raise DatasetError(f"no images in {what} folder {good} (extensions {IMAGE_EXTENSIONS})")
         return [Sample(str(p), 0, _GOOD, None) for p in files]
 
     def _scan_test(self) -> List[Sample]:
@@ -253,11 +278,16 @@ class MVTecAD(Dataset):
                 if defect == _GOOD:
                     samples.append(Sample(str(img), 0, _GOOD, None))
                     continue
+                if not self.has_masks:
+                    samples.append(Sample(str(img), 1, defect, None))
+                    continue
                 gt_dir = self.category_dir / "ground_truth" / defect
                 mask = _find_mask(gt_dir, img.stem)
                 if mask is None:
                     raise DatasetNotFoundError(
-                        f"defective image {img} has no mask: expected {gt_dir / (img.stem + '_mask.png')}"
+                        f"defective image {img} has no mask: expected {gt_dir / (img.stem + '_mask.png')} "
+                        f"(the category has {self.category_dir / 'ground_truth'}, so every defective image "
+                        f"needs its mask; a category without any ground_truth/ folder loads without masks)"
                     )
                 samples.append(Sample(str(img), 1, defect, str(mask)))
         if not samples:
@@ -268,6 +298,11 @@ class MVTecAD(Dataset):
     def labels(self) -> List[int]:
         """Image labels in item order (0 good, 1 defect), without loading anything."""
         return [s.label for s in self.samples]
+
+    @property
+    def paths(self) -> List[str]:
+        """Image files in item order, without loading anything."""
+        return [s.path for s in self.samples]
 
     @property
     def defects(self) -> List[str]:
@@ -285,23 +320,23 @@ class MVTecAD(Dataset):
             mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
             std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
             image = (image - mean) / std
+        item: Dict[str, object] = {"image": image}
+        if self.has_masks:
+            item["mask"] = self._mask(sample, im.size)
+        item.update(label=sample.label, defect=sample.defect, path=sample.path)
+        return item
+
+    def _mask(self, sample: Sample, image_wh: Tuple[int, int]) -> torch.Tensor:
+        """The sample's mask (1, H, W) of 0/1: zeros for a good image, else read and size-checked."""
         if sample.mask_path is None:
-            mask = torch.zeros((1, *self.image_size), dtype=torch.float32)
-        else:
-            mask_im = _open(sample.mask_path)
-            if mask_im.size != im.size:
-                raise DatasetError(
-                    f"mask {sample.mask_path} is {mask_im.size[0]}x{mask_im.size[1]} but its image "
-                    f"{sample.path} is {im.size[0]}x{im.size[1]} (width x height)"
-                )
-            mask = torch.from_numpy(_mask_to_array(mask_im, sample.mask_path, self.image_size))
-        return {
-            "image": image,
-            "mask": mask,
-            "label": sample.label,
-            "defect": sample.defect,
-            "path": sample.path,
-        }
+            return torch.zeros((1, *self.image_size), dtype=torch.float32)
+        mask_im = _open(sample.mask_path)
+        if mask_im.size != image_wh:
+            raise DatasetError(
+                f"mask {sample.mask_path} is {mask_im.size[0]}x{mask_im.size[1]} but its image "
+                f"{sample.path} is {image_wh[0]}x{image_wh[1]} (width x height)"
+            )
+        return torch.from_numpy(_mask_to_array(mask_im, sample.mask_path, self.image_size))
 
     def __repr__(self) -> str:
         return (
