@@ -1,0 +1,445 @@
+"""Study: which anomaly map, image score, loss and feature blocks hold up on real data, chosen
+without defect labels (issues 10 and 11; results in docs/results.md, raw data in docs/study_scores/).
+
+For each data set (magnetic_tile, kolektor, the synthetic carpet; bottle for image-level checks) it
+trains FastFlow (efficientnet_lite0, 256 px, the package defaults) with and without AltUB, over
+several seeds, and records per epoch:
+- the held-out NLL (nats per dimension) on the held-out normal split (10 % of train/good, seeded),
+  and the training NLL in the same unit: the only signals a label-free stopping rule may use;
+- every few epochs, and at the epoch the label-free rule picks: image AUROC, pixel AUROC and AUPRO for
+  every score mode (loglik, fastflow, cflow) and image score (max, top-1 % mean), each calibrated on
+  the held-out normal images only (never on test data).
+It also runs a naive kNN baseline (memory bank of training patches) on the same features, and compares
+efficientnet_lite0 block sets for FastFlow (and, briefly, CFLOW-AD).
+
+Numbers chosen on the test set (the best epoch in hindsight) are reported as such and never used for
+any default. Run once, in the background, with its log in the repository:
+
+    python benchmarks/study_scores.py --out docs/study_scores > docs/study_scores/study.log 2>&1
+
+``--from-json`` rebuilds the tables and plots without training again.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from altub_fast.data import MVTecAD, make_synthetic_carpet
+from altub_fast.metrics import compute_all, image_auroc
+from altub_fast.models import build_model, build_backbone
+from altub_fast.models.scoring import SCORE_MODES, concat_parts, image_scores_from_maps
+from altub_fast.train import AltUBTrainer
+
+BACKBONE = "efficientnet_lite0"
+ALL_BLOCKS = (2, 4, 10, 15)          # features extracted once; each run takes its subset
+DEFAULT_BLOCKS = (2, 4, 10)
+BLOCK_SETS = {"2/4/10": (2, 4, 10), "4/10": (4, 10), "4/10/15": (4, 10, 15)}
+IMAGE_RULES = {"max": ("max", 0.0), "top1%": ("topk", 0.01)}
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+#: Label-free early stopping, as the trainer's ``epochs="auto"``: stop when the held-out NLL has not
+#: improved (by ``min_delta``) for ``patience`` epochs, after at least ``min_epochs``; keep the best.
+AUTO_RULE = dict(patience=5, min_epochs=5, min_delta=0.0)
+
+#: Arms: (altub, norm_logdet). "altub" is the package default.
+ARMS = {"altub": dict(altub=True, norm_logdet=True),
+        "baseline": dict(altub=False, norm_logdet=True),
+        "altub_published_loss": dict(altub=True, norm_logdet=False)}
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # ~2 h on 2 shared CPU cores at 1 thread per process.
+    "reduced": dict(image_size=256, batch_size=32, seeds=[0, 1, 2], eval_every=4, heldout_fraction=0.1,
+                    epochs={"magnetic_tile": 24, "kolektor": 30, "carpet_synthetic": 24, "bottle": 24},
+                    arms={"altub": [0, 1, 2], "baseline": [0, 1, 2], "altub_published_loss": [0]},
+                    block_sets_epochs=16, cflow_epochs=4, cflow_train=120, knn_bank=60000,
+                    syn=dict(n_train=120, n_test_good=30, n_test_defect=8, size=256)),
+    "tiny": dict(image_size=64, batch_size=4, seeds=[0], eval_every=1, heldout_fraction=0.25,
+                 epochs={"magnetic_tile": 2, "kolektor": 2, "carpet_synthetic": 2, "bottle": 2},
+                 arms={"altub": [0], "baseline": [0]}, block_sets_epochs=1, cflow_epochs=1, cflow_train=8,
+                 knn_bank=2000, syn=dict(n_train=12, n_test_good=3, n_test_defect=1, size=64)),
+}
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def heldout_indices(n: int, fraction: float, seed: int = 0) -> List[int]:
+    """A seeded fraction of the training images, never trained on (as the eval command's split)."""
+    k = max(1, int(round(fraction * n)))
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:k])
+
+
+def load_stack(dataset, batch_size: int = 32):
+    images, masks, labels = [], [], []
+    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images.append(b["image"])
+        if "mask" in b:
+            masks.append(b["mask"])
+        labels.append(torch.as_tensor(b["label"]).reshape(-1))
+    return torch.cat(images), (torch.cat(masks) if masks else None), torch.cat(labels)
+
+
+def prepare(name: str, cfg: Dict[str, Any], data_root: str, synthetic_root: str) -> Dict[str, Any]:
+    size = cfg["image_size"]
+    if name == "carpet_synthetic":
+        root = make_synthetic_carpet(synthetic_root, seed=0, **cfg["syn"])
+        root_dir, category = root.parent, root.name
+    else:
+        root_dir, category = data_root, name
+    train = MVTecAD(root_dir, category, "train", size)
+    test = MVTecAD(root_dir, category, "test", size)
+    ho = heldout_indices(len(train), cfg["heldout_fraction"])
+    tr = [i for i in range(len(train)) if i not in set(ho)]
+    train_images = load_stack(Subset(train, tr))[0]
+    heldout_images = load_stack(Subset(train, ho))[0]
+    test_images, test_masks, test_labels = load_stack(test)
+    has_masks = test_masks is not None and bool(getattr(test, "has_masks", True)) and name != "bottle"
+    log(f"{name}: {len(tr)} train / {len(ho)} held-out normal / {len(test)} test images at {size}px "
+        f"({int(test_labels.sum())} defective; pixel masks: {has_masks})")
+    return dict(name=name, train_images=train_images, heldout_images=heldout_images, test_images=test_images,
+                test_masks=test_masks if has_masks else None, test_labels=test_labels,
+                info=dict(n_train=len(tr), n_heldout=len(ho), n_test=len(test),
+                          n_defective=int(test_labels.sum()), image_size=size, has_masks=has_masks))
+
+
+@torch.no_grad()
+def extract_all(images: torch.Tensor, batch_size: int = 32) -> Dict[int, torch.Tensor]:
+    bb = build_backbone(BACKBONE, pretrained=True, feature_blocks=ALL_BLOCKS).eval()
+    parts = [bb(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {b: torch.cat([p[j] for p in parts]) for j, b in enumerate(ALL_BLOCKS)}
+
+
+def take(feats: Dict[int, torch.Tensor], blocks: Sequence[int]) -> List[torch.Tensor]:
+    return [feats[b] for b in blocks]
+
+
+def batches(feats: List[torch.Tensor], bs: int = 32):
+    n = feats[0].shape[0]
+    return [[f[i:i + bs] for f in feats] for i in range(0, n, bs)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model, data: Dict[str, Any], feats_test: List[torch.Tensor], feats_ho: List[torch.Tensor],
+             modes: Sequence[str] = SCORE_MODES) -> Dict[str, Dict[str, float]]:
+    """Calibrate on the held-out normal images, then every (mode, image rule) on the test set."""
+    model.eval()
+    model.calibrate(batches(feats_ho))
+    parts = concat_parts([model.score_parts(b) for b in batches(feats_test)])
+    out: Dict[str, Dict[str, float]] = {}
+    labels = data["test_labels"].numpy()
+    for mode in modes:
+        try:
+            maps = model.scorer.maps(parts, mode=mode)
+        except ValueError:
+            continue
+        pix = None
+        if data["test_masks"] is not None:
+            pix = compute_all(maps.numpy(), data["test_masks"].numpy(), labels)
+        for rule, (r, frac) in IMAGE_RULES.items():
+            s = image_scores_from_maps(maps, r, frac).numpy()
+            rec = {"image_auroc": float(image_auroc(s, labels))}
+            if pix is not None:
+                rec["pixel_auroc"] = float(pix["pixel_auroc"])
+                rec["aupro"] = float(pix["aupro"])
+            out[f"{mode}/{rule}"] = rec
+    return out
+
+
+@torch.no_grad()
+def nll(model, feats: List[torch.Tensor]) -> float:
+    model.eval()
+    return float(torch.cat([model.nll_per_dim(b) for b in batches(feats)]).mean())
+
+
+def auto_choice(heldout_nll: List[float], rule: Dict[str, Any] = AUTO_RULE) -> Dict[str, int]:
+    """(stop epoch, chosen epoch) of the label-free early-stopping rule on a per-epoch curve (epoch 1..)."""
+    best, best_e, since = math.inf, 0, 0
+    for e, v in enumerate(heldout_nll, start=1):
+        if v < best - rule["min_delta"]:
+            best, best_e, since = v, e, 0
+        else:
+            since += 1
+        if e >= rule["min_epochs"] and since >= rule["patience"]:
+            return {"stop": e, "chosen": best_e}
+    return {"stop": len(heldout_nll), "chosen": best_e}
+
+
+def run_fastflow(data, feats, arm: str, seed: int, blocks: Sequence[int], epochs: int, cfg,
+                 model_name: str = "fastflow", n_train: Optional[int] = None) -> Dict[str, Any]:
+    label = f"{data['name']} {model_name} {arm} blocks {'/'.join(map(str, blocks))} seed {seed}"
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    kw = dict(ARMS[arm])
+    if model_name == "cflow":
+        kw.pop("norm_logdet")
+    model = build_model(model_name, BACKBONE, pretrained=True, image_size=cfg["image_size"],
+                        feature_blocks=blocks, **kw)
+    tr = take(feats["train"], blocks)
+    if n_train is not None:
+        tr = [f[:n_train] for f in tr]
+    ho, te = take(feats["heldout"], blocks), take(feats["test"], blocks)
+    n = tr[0].shape[0]
+    trainer = AltUBTrainer(model, TensorDataset(data["train_images"][:n]), epochs=epochs,
+                           batch_size=cfg["batch_size"], seed=seed, progress=False, device="cpu")
+    trainer.set_feature_cache(tr)
+    train_sub = [f[: max(1, len(ho[0]))] for f in tr]
+    eval_at = set(range(cfg["eval_every"], epochs + 1, cfg["eval_every"])) | {epochs}
+    curve, snapshots = [], {}
+    t0 = time.perf_counter()
+    t_eval = 0.0
+    for e in range(1, epochs + 1):
+        trainer.fit(e)
+        rec = {"epoch": e, "heldout_nll": nll(model, ho), "train_nll": nll(model, train_sub),
+               "loss": float(trainer.history[-1]["loss"])}
+        snapshots[e] = copy.deepcopy(model.trainable_state_dict())
+        if e in eval_at:
+            t1 = time.perf_counter()
+            rec["metrics"] = evaluate(model, data, te, ho)
+            t_eval += time.perf_counter() - t1
+            m = rec["metrics"].get("loglik/max", {})
+            log(f"{label}: epoch {e}/{epochs} heldout NLL {rec['heldout_nll']:.4f} train NLL {rec['train_nll']:.4f} "
+                f"loglik img {m.get('image_auroc', float('nan')):.3f} pix {m.get('pixel_auroc', float('nan')):.3f} "
+                f"aupro {m.get('aupro', float('nan')):.3f}; fastflow pix "
+                f"{rec['metrics'].get('fastflow/max', {}).get('pixel_auroc', float('nan')):.3f}")
+        curve.append(rec)
+    auto = auto_choice([r["heldout_nll"] for r in curve])
+    chosen = curve[auto["chosen"] - 1]
+    if "metrics" not in chosen:
+        model.load_state_dict(snapshots[auto["chosen"]], strict=False)
+        chosen["metrics"] = evaluate(model, data, te, ho)
+    log(f"{label}: auto rule stops at epoch {auto['stop']}, chooses {auto['chosen']} "
+        f"(loglik/max {chosen['metrics'].get('loglik/max')})")
+    return dict(dataset=data["name"], model=model_name, arm=arm, seed=seed, blocks=list(blocks), epochs=epochs,
+                n_train=n, curve=curve, auto=auto, wall_s=time.perf_counter() - t0, eval_s=t_eval)
+
+
+# ----------------------------------------------------------------------------- kNN baseline
+@torch.no_grad()
+def knn_baseline(data, feats, cfg, blocks=(4, 10), seed: int = 0) -> Dict[str, Any]:
+    """Memory bank of training patches (blocks 4 + 10, 3x3 average pooling, block 10 upsampled to
+    block 4's grid), nearest-neighbour distance per test patch, bilinear map, image score = max."""
+    t0 = time.perf_counter()
+
+    def embed(fs: Dict[int, torch.Tensor]) -> torch.Tensor:
+        maps = [F.avg_pool2d(fs[b], 3, 1, 1) for b in blocks]
+        size = maps[0].shape[-2:]
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        return torch.cat(maps, 1)
+
+    tr = embed(feats["train"])
+    N, C, h, w = tr.shape
+    bank = tr.permute(0, 2, 3, 1).reshape(-1, C)
+    g = torch.Generator().manual_seed(seed)
+    if bank.shape[0] > cfg["knn_bank"]:
+        bank = bank[torch.randperm(bank.shape[0], generator=g)[: cfg["knn_bank"]]]
+    te = embed(feats["test"])
+    dists = []
+    for i in range(te.shape[0]):
+        q = te[i].permute(1, 2, 0).reshape(-1, C)
+        dists.append(torch.cdist(q, bank).amin(dim=1).reshape(1, 1, h, w))
+    d = torch.cat(dists)
+    maps = F.interpolate(d, size=data["test_images"].shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    labels = data["test_labels"].numpy()
+    rec = {"image_auroc": float(image_auroc(maps.flatten(1).amax(1).numpy(), labels))}
+    if data["test_masks"] is not None:
+        m = compute_all(maps.numpy(), data["test_masks"].numpy(), labels)
+        rec.update(pixel_auroc=float(m["pixel_auroc"]), aupro=float(m["aupro"]))
+    rec["wall_s"] = time.perf_counter() - t0
+    log(f"{data['name']} kNN (blocks {blocks}, bank {bank.shape[0]}): {rec}")
+    return rec
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="docs/study_scores")
+    p.add_argument("--size", choices=sorted(PRESETS), default="reduced")
+    p.add_argument("--datasets", default="magnetic_tile,kolektor,carpet_synthetic,bottle")
+    p.add_argument("--parts", default="arms,knn,blocks,cflow", help="comma list of arms, knn, blocks, cflow")
+    p.add_argument("--data-root", default=None, help="folder holding magnetic_tile/, kolektor/, bottle/ "
+                   "(default: shared/data beside the repository)")
+    p.add_argument("--synthetic-root", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-json", default=None, help="rebuild the report from a study.json")
+    return p.parse_args(argv)
+
+
+def default_data_root() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, os.pardir, os.pardir, "shared", "data")
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        return report(results, args.out)
+    torch.set_num_threads(args.threads)
+    cfg = PRESETS[args.size]
+    data_root = args.data_root or default_data_root()
+    syn_root = args.synthetic_root or os.path.join(args.out, "_synthetic")
+    parts = set(args.parts.split(","))
+    results: Dict[str, Any] = dict(config=dict(preset=args.size, **{k: v for k, v in cfg.items()}, auto_rule=AUTO_RULE,
+                                               backbone=BACKBONE, threads=torch.get_num_threads(),
+                                               torch=torch.__version__, python=platform.python_version(),
+                                               machine=platform.machine(), command=" ".join(sys.argv)),
+                                   datasets={}, runs=[], knn={})
+    path = os.path.join(args.out, "study.json")
+
+    def save():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, path)
+
+    t_start = time.perf_counter()
+    for ds in args.datasets.split(","):
+        data = prepare(ds, cfg, data_root, syn_root)
+        t0 = time.perf_counter()
+        feats = {k: extract_all(data[f"{k}_images"]) for k in ("train", "heldout", "test")}
+        log(f"{ds}: features of blocks {ALL_BLOCKS} in {time.perf_counter() - t0:.1f}s")
+        results["datasets"][ds] = data["info"]
+        E = cfg["epochs"][ds]
+        if "knn" in parts:
+            results["knn"][ds] = knn_baseline(data, feats, cfg)
+            save()
+        if "arms" in parts and ds != "bottle":
+            for arm, seeds in cfg["arms"].items():
+                for seed in seeds:
+                    results["runs"].append(run_fastflow(data, feats, arm, seed, DEFAULT_BLOCKS, E, cfg))
+                    save()
+        if "blocks" in parts:
+            for name, blocks in BLOCK_SETS.items():
+                if ds != "bottle" and blocks == DEFAULT_BLOCKS and "arms" in parts:
+                    continue  # the altub seed-0 run above is this block set
+                results["runs"].append(run_fastflow(data, feats, "altub", 0, blocks,
+                                                    E if ds == "bottle" else cfg["block_sets_epochs"], cfg))
+                save()
+        if "cflow" in parts and ds != "carpet_synthetic":
+            for name, blocks in BLOCK_SETS.items():
+                results["runs"].append(run_fastflow(data, feats, "altub", 0, blocks, cfg["cflow_epochs"], cfg,
+                                                    model_name="cflow", n_train=cfg["cflow_train"]))
+                save()
+        del feats, data
+    results["wall_s"] = time.perf_counter() - t_start
+    save()
+    log(f"study done in {results['wall_s'] / 60:.1f} min")
+    return report(results, args.out)
+
+
+# ----------------------------------------------------------------------------- report
+def _ms(xs: Sequence[float]) -> str:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}"
+
+
+def _metric(rec, key, metric):
+    return rec.get("metrics", {}).get(key, {}).get(metric)
+
+
+def run_points(run) -> Dict[str, Dict[str, Any]]:
+    """last, auto-chosen and best-on-test (hindsight) points of a run, per score key."""
+    evals = [r for r in run["curve"] if "metrics" in r]
+    last = run["curve"][-1]
+    chosen = run["curve"][run["auto"]["chosen"] - 1]
+    return {"last": last, "auto": chosen, "evals": evals}
+
+
+def report(results: Dict[str, Any], out: str) -> Dict[str, Any]:
+    lines = ["# Score-mode / loss / block-set study (generated by benchmarks/study_scores.py)", ""]
+    cfg = results["config"]
+    lines.append(f"Preset {cfg['preset']}, {cfg['image_size']} px, batch {cfg['batch_size']}, backbone {cfg['backbone']}, "
+                 f"{cfg['threads']} thread(s), torch {cfg['torch']}. Label-free rule: {cfg['auto_rule']}. "
+                 "'best (test-chosen)' = the best evaluated epoch picked on the test set: hindsight, not a "
+                 "choice the software can make.")
+    lines.append("")
+    for ds, info in results["datasets"].items():
+        lines.append(f"## {ds} ({info['n_train']} train / {info['n_heldout']} held-out / {info['n_test']} test, "
+                     f"masks: {info['has_masks']})")
+        lines.append("")
+        knn = results["knn"].get(ds)
+        if knn:
+            lines.append(f"kNN baseline (blocks 4+10): image AUROC {knn['image_auroc']:.3f}"
+                         + (f", pixel AUROC {knn['pixel_auroc']:.3f}, AUPRO {knn['aupro']:.3f}" if "pixel_auroc" in knn else ""))
+            lines.append("")
+        runs = [r for r in results["runs"] if r["dataset"] == ds]
+        groups: Dict[tuple, List[dict]] = {}
+        for r in runs:
+            groups.setdefault((r["model"], r["arm"], "/".join(map(str, r["blocks"]))), []).append(r)
+        metrics = METRICS if info["has_masks"] else ("image_auroc",)
+        lines.append("| model | arm | blocks | seeds | score | " + " | ".join(
+            f"{m} last | {m} auto | {m} best (test-chosen)" for m in metrics) + " | auto epoch |")
+        lines.append("|" + "---|" * (5 + 3 * len(metrics) + 1))
+        for (model, arm, blocks), rs in groups.items():
+            keys = sorted({k for r in rs for p in r["curve"] if "metrics" in p for k in p["metrics"]})
+            for key in keys:
+                cells = []
+                for m in metrics:
+                    last = [_metric(run_points(r)["last"], key, m) for r in rs]
+                    auto = [_metric(run_points(r)["auto"], key, m) for r in rs]
+                    best = [max((_metric(p, key, m) or -1) for p in run_points(r)["evals"]) for r in rs]
+                    cells += [_ms(last), _ms(auto), _ms(best)]
+                ae = [r["auto"]["chosen"] for r in rs]
+                lines.append(f"| {model} | {arm} | {blocks} | {len(rs)} | {key} | " + " | ".join(cells)
+                             + f" | {', '.join(map(str, ae))} of {rs[0]['epochs']} |")
+        lines.append("")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md)
+    try:
+        plot_curves(results, out)
+    except Exception as e:  # plots are a convenience; the tables are the record
+        log(f"plotting failed: {e}")
+    return results
+
+
+def plot_curves(results: Dict[str, Any], out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for ds in results["datasets"]:
+        runs = [r for r in results["runs"] if r["dataset"] == ds and r["model"] == "fastflow"
+                and r["blocks"] == list(DEFAULT_BLOCKS)]
+        if not runs:
+            continue
+        metric = "pixel_auroc" if results["datasets"][ds]["has_masks"] else "image_auroc"
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in runs:
+            ep = [p["epoch"] for p in r["curve"]]
+            axes[0].plot(ep, [p["heldout_nll"] for p in r["curve"]], label=f"{r['arm']} s{r['seed']}")
+            for key, ls in (("loglik/max", "-"), ("fastflow/max", "--")):
+                pts = [(p["epoch"], _metric(p, key, metric)) for p in r["curve"] if "metrics" in p]
+                axes[1].plot([a for a, _ in pts], [b for _, b in pts], ls,
+                             label=f"{r['arm']} s{r['seed']} {key.split('/')[0]}")
+        axes[0].set_title(f"{ds}: held-out NLL (nats/dim)")
+        axes[1].set_title(f"{ds}: {metric} (solid loglik, dashed fastflow map)")
+        for a in axes:
+            a.set_xlabel("epoch")
+        axes[1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"curves_{ds}.png"), dpi=90)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
