@@ -61,9 +61,9 @@ ARMS = {"altub": dict(altub=True, norm_logdet=True),
 PRESETS: Dict[str, Dict[str, Any]] = {
     # ~2 h on 2 shared CPU cores at 1 thread per process.
     "reduced": dict(image_size=256, batch_size=32, seeds=[0, 1, 2], eval_every=4, heldout_fraction=0.1,
-                    epochs={"magnetic_tile": 24, "kolektor": 30, "carpet_synthetic": 24, "bottle": 24},
+                    epochs={"magnetic_tile": 20, "kolektor": 24, "carpet_synthetic": 16, "bottle": 16},
                     arms={"altub": [0, 1, 2], "baseline": [0, 1, 2], "altub_published_loss": [0]},
-                    block_sets_epochs=16, cflow_epochs=4, cflow_train=120, knn_bank=60000,
+                    block_sets_epochs=12, cflow_epochs=3, cflow_train=100, knn_bank=60000,
                     syn=dict(n_train=120, n_test_good=30, n_test_defect=8, size=256)),
     "tiny": dict(image_size=64, batch_size=4, seeds=[0], eval_every=1, heldout_fraction=0.25,
                  epochs={"magnetic_tile": 2, "kolektor": 2, "carpet_synthetic": 2, "bottle": 2},
@@ -274,7 +274,10 @@ def parse_args(argv=None):
                    "(default: shared/data beside the repository)")
     p.add_argument("--synthetic-root", default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--from-json", default=None, help="rebuild the report from a study.json")
+    p.add_argument("--feature-cache", default=None, help="folder to keep extracted backbone features in "
+                   "(a rerun then skips the backbone)")
+    p.add_argument("--from-json", default=None, help="rebuild the report from study.json files (comma list: "
+                   "studies run per data set are merged)")
     return p.parse_args(argv)
 
 
@@ -287,9 +290,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
-        with open(args.from_json) as f:
-            results = json.load(f)
-        return report(results, args.out)
+        return report(merge_json(args.from_json.split(",")), args.out)
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.size]
     data_root = args.data_root or default_data_root()
@@ -312,30 +313,42 @@ def main(argv=None) -> Dict[str, Any]:
     for ds in args.datasets.split(","):
         data = prepare(ds, cfg, data_root, syn_root)
         t0 = time.perf_counter()
-        feats = {k: extract_all(data[f"{k}_images"]) for k in ("train", "heldout", "test")}
+        cache = os.path.join(args.feature_cache, f"{ds}_{cfg['image_size']}.pt") if args.feature_cache else None
+        if cache and os.path.isfile(cache):
+            feats = torch.load(cache)
+        else:
+            feats = {k: extract_all(data[f"{k}_images"]) for k in ("train", "heldout", "test")}
+            if cache:
+                os.makedirs(args.feature_cache, exist_ok=True)
+                torch.save(feats, cache + ".tmp")
+                os.replace(cache + ".tmp", cache)
         log(f"{ds}: features of blocks {ALL_BLOCKS} in {time.perf_counter() - t0:.1f}s")
         results["datasets"][ds] = data["info"]
         E = cfg["epochs"][ds]
+
+        def add(*a, **kw):
+            results["runs"].append(run_fastflow(data, feats, *a, **kw))
+            save()
+
         if "knn" in parts:
             results["knn"][ds] = knn_baseline(data, feats, cfg)
             save()
-        if "arms" in parts and ds != "bottle":
-            for arm, seeds in cfg["arms"].items():
-                for seed in seeds:
-                    results["runs"].append(run_fastflow(data, feats, arm, seed, DEFAULT_BLOCKS, E, cfg))
-                    save()
-        if "blocks" in parts:
-            for name, blocks in BLOCK_SETS.items():
-                if ds != "bottle" and blocks == DEFAULT_BLOCKS and "arms" in parts:
-                    continue  # the altub seed-0 run above is this block set
-                results["runs"].append(run_fastflow(data, feats, "altub", 0, blocks,
-                                                    E if ds == "bottle" else cfg["block_sets_epochs"], cfg))
-                save()
+        # Seed by seed, so that a study stopped early still holds paired arms; the block sets come
+        # after the first seed (one seed each).
+        arms = cfg["arms"] if ("arms" in parts and ds != "bottle") else {}
+        seeds = sorted({s for v in arms.values() for s in v})
+        for i, seed in enumerate(seeds or [None]):
+            for arm, arm_seeds in arms.items():
+                if seed in arm_seeds:
+                    add(arm, seed, DEFAULT_BLOCKS, E, cfg)
+            if i == 0 and "blocks" in parts:
+                for name, blocks in BLOCK_SETS.items():
+                    if blocks == DEFAULT_BLOCKS and arms:
+                        continue  # the altub seed-0 run above is this block set
+                    add("altub", 0, blocks, E if ds == "bottle" else cfg["block_sets_epochs"], cfg)
         if "cflow" in parts and ds != "carpet_synthetic":
             for name, blocks in BLOCK_SETS.items():
-                results["runs"].append(run_fastflow(data, feats, "altub", 0, blocks, cfg["cflow_epochs"], cfg,
-                                                    model_name="cflow", n_train=cfg["cflow_train"]))
-                save()
+                add("altub", 0, blocks, cfg["cflow_epochs"], cfg, model_name="cflow", n_train=cfg["cflow_train"])
         del feats, data
     results["wall_s"] = time.perf_counter() - t_start
     save()
@@ -344,6 +357,23 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+def merge_json(paths: Sequence[str]) -> Dict[str, Any]:
+    """One results dict from study.json files of runs split by data set (run side by side)."""
+    merged: Dict[str, Any] = {}
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        if not merged:
+            merged = dict(r, datasets=dict(r["datasets"]), runs=list(r["runs"]), knn=dict(r["knn"]))
+            merged["config"] = dict(r["config"], command=[r["config"]["command"]])
+            continue
+        merged["datasets"].update(r["datasets"])
+        merged["runs"] += r["runs"]
+        merged["knn"].update(r["knn"])
+        merged["config"]["command"].append(r["config"]["command"])
+    return merged
+
+
 def _ms(xs: Sequence[float]) -> str:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
