@@ -8,7 +8,10 @@ jac=True) -> ((z,), log_jac_det)``, same numbers. Differences, all invisible in 
   index form is rebuilt from ``w_perm`` whenever a state_dict is loaded;
 - everything after the subnet is one fused op (``altub_fast.functional.coupling_forward``),
   served by the Triton kernels where they can run;
-- ``clamp_mode`` selects the soft clamp ("legacy" = FrEIA 0.2, "freia" = FrEIA master, "atan").
+- ``clamp_mode`` selects the soft clamp ("legacy" = FrEIA 0.2, "freia" = FrEIA master, "atan");
+- it is a FrEIA ``InvertibleModule`` when FrEIA is importable (see ``_freia_compat``), loads FrEIA
+  master's checkpoints too (index-form ``w_perm``), and saves in either layout
+  (``state_dict_layout``: "dense" = FrEIA 0.2 / anomalib, "index" = FrEIA master).
 """
 from __future__ import annotations
 
@@ -22,22 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional, reference
+from . import _freia_compat
+from ._freia_compat import InputShapeError, InvertibleModule, dims_list
 
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
-
-
-class InvertibleModule(nn.Module):
-    """FrEIA's InvertibleModule contract: ``dims_in``/``dims_c`` lists of shapes without batch."""
-
-    def __init__(self, dims_in, dims_c=None):
-        super().__init__()
-        self.dims_in = [tuple(d) for d in dims_in]
-        self.dims_c = [tuple(d) for d in (dims_c or [])]
-
-    def output_dims(self, input_dims):
-        return input_dims
 
 
 class AllInOneBlock(InvertibleModule):
@@ -47,14 +40,17 @@ class AllInOneBlock(InvertibleModule):
       clamp_mode: "legacy" (alpha*tanh(a), FrEIA 0.2 / anomalib), "freia" (alpha*tanh(a/alpha),
         FrEIA master) or "atan" (alpha*0.636*atan(a)).
       impl: None (``ALTUB_FAST_IMPL``), "auto", "triton" or "torch" for the fused step.
+      state_dict_layout: how ``state_dict()`` stores a hard permutation, "dense" (FrEIA 0.2 /
+        anomalib, (C, C, 1, ...) matrices) or "index" (FrEIA master, (C,) index vectors); loading
+        takes either. ``altub_fast.nn.set_state_dict_layout(model, ...)`` sets it for a whole model.
     """
 
     def __init__(self, dims_in, dims_c=[], subnet_constructor: Callable = None,
                  affine_clamping: float = 2., gin_block: bool = False, global_affine_init: float = 1.,
                  global_affine_type: str = "SOFTPLUS", permute_soft: bool = False,
                  learned_householder_permutation: int = 0, reverse_permutation: bool = False,
-                 clamp_mode: str = "legacy", impl: Optional[str] = None):
-        super().__init__(dims_in, dims_c)
+                 clamp_mode: str = "legacy", impl: Optional[str] = None, state_dict_layout: str = "dense"):
+        super().__init__(dims_list(dims_in, "dims_in"), dims_list(dims_c, "dims_c"))
         if len(self.dims_in) != 1:
             raise ValueError(f"AllInOneBlock takes exactly one input, got dims_in={dims_in}")
         channels = self.dims_in[0][0]
@@ -129,6 +125,45 @@ class AllInOneBlock(InvertibleModule):
             raise ValueError("Please supply a callable subnet_constructor function or object (see docstring)")
         self.subnet = subnet_constructor(self.splits[0] + self.condition_channels, 2 * self.splits[1])
         self.last_jac = None
+        self.state_dict_layout = state_dict_layout
+
+    def output_dims(self, input_dims):
+        return input_dims
+
+    # ------------------------------------------------------------------ checkpoint layouts
+    @property
+    def state_dict_layout(self) -> str:
+        """How ``state_dict()`` stores a hard permutation: "dense" (FrEIA 0.2 / anomalib) or
+        "index" (FrEIA master). Loading accepts both, whatever this is."""
+        return self._state_dict_layout
+
+    @state_dict_layout.setter
+    def state_dict_layout(self, layout: str) -> None:
+        _freia_compat.check_layout(layout)
+        if layout == "index" and self.clamp_mode != "freia":
+            warnings.warn("state_dict_layout='index' writes FrEIA master's checkpoint layout, but FrEIA master "
+                          "clamps as clamp_mode='freia' and this block does not: there it will give other numbers")
+        self._state_dict_layout = layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._state_dict_layout == "index" and self.hard_permutation:
+            destination[prefix + "w_perm"], destination[prefix + "w_perm_inv"] = \
+                _freia_compat.index_entries(self.perm, self.perm_inv)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # FrEIA master's checkpoints hold a hard permutation as (C,) index vectors: make them dense.
+        if self.hard_permutation:
+            if _freia_compat.dense_from_index(state_dict, prefix, self.in_channels, self.input_rank,
+                                              self.w_perm.dtype) and self.clamp_mode != "freia":
+                warnings.warn("loading FrEIA master's checkpoint layout (index-form w_perm) into a block with "
+                              f"clamp_mode={self.clamp_mode!r}: FrEIA master's numbers need clamp_mode='freia'")
+        elif self.permute_soft and getattr(state_dict.get(prefix + "w_perm"), "ndim", 0) == 1:
+            raise ValueError(f"{prefix}w_perm is a hard permutation in FrEIA master's index form, but this "
+                             "block has permute_soft=True (a dense rotation); build it with permute_soft=False")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ permutations
     @staticmethod
@@ -165,27 +200,27 @@ class AllInOneBlock(InvertibleModule):
     def _check_inputs(self, x, c) -> Tuple[Tensor, list]:
         if isinstance(x, (tuple, list)):
             if len(x) != 1:
-                raise ValueError(f"AllInOneBlock takes one input tensor, got {len(x)}")
+                raise InputShapeError(f"AllInOneBlock takes one input tensor, got {len(x)}")
             x = x[0]
         if not torch.is_tensor(x):
             raise TypeError(f"input must be a tensor or a 1-tuple of tensors, got {type(x).__name__}")
         expected_dims = 2 + self.input_rank
         exp_shape = "(B, " + ", ".join(str(d) for d in self.dims_in[0]) + ")"
         if x.dim() != expected_dims:
-            raise ValueError(f"AllInOneBlock expected {expected_dims}-D input {exp_shape}, got "
-                             f"{x.dim()}-D input of shape {_shape_str(x.shape)}")
+            raise InputShapeError(f"AllInOneBlock expected {expected_dims}-D input {exp_shape}, got "
+                                  f"{x.dim()}-D input of shape {_shape_str(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"AllInOneBlock expected {self.in_channels} channels (input {exp_shape}), "
-                             f"got {x.shape[1]} channels in input of shape {_shape_str(x.shape)}")
+            raise InputShapeError(f"AllInOneBlock expected {self.in_channels} channels (input {exp_shape}), "
+                                  f"got {x.shape[1]} channels in input of shape {_shape_str(x.shape)}")
         c = list(c) if c is not None else []
         if len(c) != len(self.dims_c):
-            raise ValueError(f"AllInOneBlock expected {len(self.dims_c)} condition tensor(s) of shape(s) "
-                             f"{['(B, ' + ', '.join(map(str, d)) + ')' for d in self.dims_c]}, got {len(c)}")
+            raise InputShapeError(f"AllInOneBlock expected {len(self.dims_c)} condition tensor(s) of shape(s) "
+                                  f"{['(B, ' + ', '.join(map(str, d)) + ')' for d in self.dims_c]}, got {len(c)}")
         for i, (ci, dc) in enumerate(zip(c, self.dims_c)):
             want = (x.shape[0], dc[0], *x.shape[2:])
             if tuple(ci.shape) != want:
-                raise ValueError(f"condition {i} must have shape {_shape_str(want)} (batch and spatial "
-                                 f"size of the input, {dc[0]} channels), got {_shape_str(ci.shape)}")
+                raise InputShapeError(f"condition {i} must have shape {_shape_str(want)} (batch and spatial "
+                                      f"size of the input, {dc[0]} channels), got {_shape_str(ci.shape)}")
         return x, c
 
     def _subnet(self, x1: Tensor, c: list) -> Tensor:
