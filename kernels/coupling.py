@@ -15,9 +15,10 @@ log-scale a[:, k] and shift a[:, C2 + k] (s = clamp(0.1 a_s), t = 0.1 a_t, v = (
 
 Reductions, all float32 and deterministic (no atomics): per-pixel quantities (log-det, base
 log-likelihood, the GIN statistics) are written as (G, P) partial buffers, one row per channel group,
-and summed afterwards by the launcher; per-channel parameter gradients are written as (R, C) partial
-buffers, R = the number of programs along the pixels (one row per program; each (row, channel) is
-written by exactly one program), and summed afterwards. For fiber data the backward lets each
+and summed afterwards by the launcher (the log-det's row sums are the per-pixel log-det, returned as
+such; the per-sample log-det is their sum over the sample's pixels); per-channel parameter gradients
+are written as (R, C) partial buffers, R = the number of programs along the pixels (one row per
+program; each (row, channel) is written by exactly one program), and summed afterwards. For fiber data the backward lets each
 program loop over PIX_ITERS pixel sub-tiles (one channel chunk per program) so that R stays small.
 
 GIN (volume-preserving coupling) subtracts the per-sample mean of s over (C2, N). That couples all
@@ -180,14 +181,20 @@ def _coupling_fwd_kernel(
 
 
 @triton.jit
-def _bwd_pixel_state(tile, N, P, gld_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr, gs_mean_ptr,
-                     GIN: tl.constexpr, LOGLIK: tl.constexpr, GIN_PHASE: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
+def _bwd_pixel_state(tile, N, P, gld_ptr, gld_pix_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr, gs_mean_ptr,
+                     GIN: tl.constexpr, LOGLIK: tl.constexpr, HAS_GLD_PIX: tl.constexpr,
+                     GIN_PHASE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-pixel state of one pixel sub-tile of the backward: p, mask, (b, n), the upstream
-    log-det gradient gld[b], the log-likelihood weight glp_pixel[p] + glp_sample[b] (LOGLIK), and
-    the GIN means of s (forward) and of dL/ds (phase 2). Unused ones are zeros."""
+    log-det gradient at the pixel, gld = dL/dlog_det[b] + dL/dlog_det_pixel[p] (HAS_GLD_PIX; with
+    GIN only the per-pixel term: the per-sample one cancels in the centring), the log-likelihood
+    weight glp_pixel[p] + glp_sample[b] (LOGLIK), and the GIN means of s (forward) and of dL/ds
+    (phase 2). Unused ones are zeros."""
     p, pmask, b, n = _pixel_offsets(tile, N, BLOCK_P, P)
-    gld = tl.load(gld_ptr + b, mask=pmask, other=0.0)
+    gld = tl.zeros([BLOCK_P], dtype=tl.float32)
+    if not GIN:
+        gld = tl.load(gld_ptr + b, mask=pmask, other=0.0)
+    if HAS_GLD_PIX:
+        gld += tl.load(gld_pix_ptr + p, mask=pmask, other=0.0)
     wpix = tl.zeros([BLOCK_P], dtype=tl.float32)
     m = tl.zeros([BLOCK_P], dtype=tl.float32)
     gs_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -203,11 +210,11 @@ def _bwd_pixel_state(tile, N, P, gld_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr
 @triton.jit
 def _coupling_bwd_kernel(
     gx_ptr, ga_ptr, gg_part_ptr, gbeta_part_ptr, gmu_part_ptr, gls_part_ptr, gs_part_ptr,
-    gz_ptr, gld_ptr, glp_pix_ptr, glp_smp_ptr,
+    gz_ptr, gld_ptr, gld_pix_ptr, glp_pix_ptr, glp_smp_ptr,
     x_ptr, a_ptr, g_ptr, beta_ptr, perm_ptr, mu_ptr, ls_ptr, gin_mean_ptr, gs_mean_ptr,
     C, C1, C2, N, P, CPG, alpha,
     CLAMP_MODE: tl.constexpr, AFFINE: tl.constexpr, GIN: tl.constexpr, HAS_PERM: tl.constexpr,
-    LOGLIK: tl.constexpr, HAS_GZ: tl.constexpr, GIN_PHASE: tl.constexpr,
+    LOGLIK: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GLD_PIX: tl.constexpr, GIN_PHASE: tl.constexpr,
     STORE_DX: tl.constexpr, STORE_DA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     PIX_ITERS: tl.constexpr,
 ):
@@ -231,10 +238,11 @@ def _coupling_bwd_kernel(
       gmu_part_ptr, gls_part_ptr: (R, C) float32 by output channel (LOGLIK): dL/dmu, dL/dlog_sigma.
     Output (GIN_PHASE 1, nothing else is written):
       gs_part_ptr: (G, P) float32: per pixel, sum over the group's transformed channels of
-        dL/ds before the GIN centring (the log-det term, constant per sample, cancels in the centring
-        and is left out).
+        dL/ds before the GIN centring, the per-pixel log-det's upstream included (the per-sample
+        log-det term, constant per sample, cancels in the centring and is left out).
     Upstream gradients:
       gz_ptr: (B, C, N) any float dtype (HAS_GZ; else zero). gld_ptr: (B,) float32 (dL/dlog_det).
+      gld_pix_ptr: (P,) float32 (HAS_GLD_PIX): dL/dlog_det_pixel, the per-pixel log-det's upstream.
       glp_pix_ptr: (P,) float32, glp_smp_ptr: (B,) float32 (LOGLIK): dL/dlogp_pixel, dL/dlogp_sample.
     Saved inputs: x_ptr, a_ptr, g_ptr, beta_ptr, perm_ptr, mu_ptr, ls_ptr, gin_mean_ptr as in the
     forward; gs_mean_ptr: (B,) float32 (GIN_PHASE 2): per-sample mean of the phase-1 sums.
@@ -244,8 +252,8 @@ def _coupling_bwd_kernel(
     pid_g = tl.program_id(1).to(tl.int64)
     if PIX_ITERS == 1:  # one sub-tile: its pixel state is loop-invariant, hoist it
         p1, pmask1, b1, n1, gld1, wpix1, m1, gs_mean1 = _bwd_pixel_state(
-            pid_p, N, P, gld_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr, gs_mean_ptr,
-            GIN, LOGLIK, GIN_PHASE, BLOCK_P)
+            pid_p, N, P, gld_ptr, gld_pix_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr, gs_mean_ptr,
+            GIN, LOGLIK, HAS_GLD_PIX, GIN_PHASE, BLOCK_P)
     gs_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         i, cmask, j, active, k = _channel_chunk(pid_g, CPG, c0, C, C1, perm_ptr, HAS_PERM, BLOCK_C)
@@ -269,8 +277,8 @@ def _coupling_bwd_kernel(
                 p, pmask, b, n, gld, wpix, m, gs_mean = p1, pmask1, b1, n1, gld1, wpix1, m1, gs_mean1
             else:
                 p, pmask, b, n, gld, wpix, m, gs_mean = _bwd_pixel_state(
-                    pid_p * PIX_ITERS + t, N, P, gld_ptr, glp_pix_ptr, glp_smp_ptr, gin_mean_ptr,
-                    gs_mean_ptr, GIN, LOGLIK, GIN_PHASE, BLOCK_P)
+                    pid_p * PIX_ITERS + t, N, P, gld_ptr, gld_pix_ptr, glp_pix_ptr, glp_smp_ptr,
+                    gin_mean_ptr, gs_mean_ptr, GIN, LOGLIK, HAS_GLD_PIX, GIN_PHASE, BLOCK_P)
             x_pix = b * C * N + n
             a_pix = b * (2 * C2) * N + n
             mask = cmask[:, None] & pmask[None, :]
@@ -294,7 +302,7 @@ def _coupling_bwd_kernel(
                 acc_ls += tl.sum(wp * (w * w - 1.0), axis=1)
             gv = tl.where(mask, gv, 0.0)
             gu = gv * psi[:, None]
-            gs = tl.where(amask, gu * xv * es, 0.0)
+            gs = tl.where(amask, gu * xv * es + gld[None, :], 0.0)  # dL/ds before the GIN centring
             if GIN_PHASE == 1:
                 if PIX_ITERS == 1:
                     gs_acc += tl.sum(gs, axis=0)
@@ -303,8 +311,6 @@ def _coupling_bwd_kernel(
             else:
                 if GIN:
                     gs = tl.where(amask, gs - gs_mean[None, :], 0.0)
-                else:
-                    gs = tl.where(amask, gs + gld[None, :], 0.0)
                 acc_beta += tl.sum(gv, axis=1)
                 if not GIN:
                     acc_gu += tl.sum(gv * u, axis=1)

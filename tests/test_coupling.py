@@ -92,7 +92,7 @@ class Case:
     clamp: float = 2.0
     noncontig: bool = False
     bcast_params: bool = False  # parameters in FrEIA's (1, C, 1, ...) layout
-    ups: str = "all"  # upstream gradients: all | z | ld | lp (the others are None)
+    ups: str = "all"  # upstream gradients: all | z | ld | lp | ldpix (the others are None)
     cfg: Optional[Tuple[int, ...]] = None  # forced (block_c, block_p, cpg[, pix_iters])
 
     def __str__(self):
@@ -136,6 +136,11 @@ CASES = [
     Case(21, 7, (), clamp_mode="atan", gin=True, affine="SIGMOID", cfg=(2, 4, 2, 2)),
     Case(5, 5, (3,), dtype=F16, cfg=(2, 2, 2, 4), ups="lp"),
     Case(2, 1, (3,), perm=False),  # C = 1: nothing to couple, only the global affine
+    # only the per-pixel log-det has an upstream gradient (a loss on the per-pixel log-likelihood)
+    Case(2, 6, (3, 4), ups="ldpix", clamp_mode="freia", affine="EXP"),
+    Case(2, 7, (2, 5), dtype=F16, gin=True, ups="ldpix", cfg=(2, 4, 4)),
+    Case(5, 10, (3,), clamp_mode="atan", gin=True, loglik=False, ups="ldpix", cfg=(4, 2, 4, 2)),
+    Case(7, 6, (), dtype=F16, affine="SIGMOID", ups="ldpix", cfg=(2, 2, 2, 4)),
 ]
 CASE_IDS = [str(c) for c in CASES]
 
@@ -176,20 +181,26 @@ def kwargs(case):
 
 
 def reference_outputs(case, x, a, g, beta, perm, mu, ls):
+    """The reference's outputs with the per-pixel log-det (names: :func:`output_names`)."""
     if case.loglik:
-        return reference.coupling_forward_loglik(x, a, g, beta, perm, mu, ls, **kwargs(case))
-    return reference.coupling_forward(x, a, g, beta, perm, **kwargs(case))
+        return reference.coupling_forward_loglik(x, a, g, beta, perm, mu, ls, pixel_logdet=True, **kwargs(case))
+    return reference.coupling_forward(x, a, g, beta, perm, pixel_logdet=True, **kwargs(case))
+
+
+def output_names(case):
+    return ["z", "ld"] + (["lp_pix", "lp_smp"] if case.loglik else []) + ["ld_pix"]
 
 
 def upstream(case, outs, seed=1):
     """Random upstream gradients (some None, per case.ups), each in its output's dtype."""
     gen = torch.Generator().manual_seed(seed)
-    keep = {"all": (0, 1, 2, 3), "z": (0,), "ld": (1,), "lp": (2, 3)}[case.ups]
+    keep = {"all": ("z", "ld", "lp_pix", "lp_smp", "ld_pix"), "z": ("z",), "ld": ("ld",),
+            "lp": ("lp_pix", "lp_smp"), "ldpix": ("ld_pix",)}[case.ups]
     res = []
-    for k, o in enumerate(outs):
-        if k in keep:
+    for name, o in zip(output_names(case), outs):
+        if name in keep:
             # a non-contiguous upstream for the log-det: an expanded scalar
-            u = (torch.randn(1, generator=gen).expand(o.shape) if k == 1 else
+            u = (torch.randn(1, generator=gen).expand(o.shape) if name == "ld" else
                  torch.randn(o.shape, generator=gen))
             res.append(u.to(o.device, o.dtype))
         else:
@@ -200,15 +211,19 @@ def upstream(case, outs, seed=1):
 def sum_lengths(case):
     """Number of summed terms behind each output and gradient (for the sum tolerances)."""
     N = math.prod(case.sp)
-    return dict(ld=case.C * N, lp_pix=case.C, lp_smp=case.C * N, param=case.B * N)
+    return dict(z=1, ld=case.C * N, lp_pix=case.C, lp_smp=case.C * N, ld_pix=case.C, param=case.B * N)
 
 
 def check_forward(case, outs, refs):
     n = sum_lengths(case)
-    names = ["z", "log_jac_det", "logp_pixel", "logp_sample"]
-    lens = [1, n["ld"], n["lp_pix"], n["lp_smp"]]
-    for name, o, r, ln in zip(names, outs, refs, lens):
-        assert_close(o, r, case.dtype, ln, f"{case}: {name}")
+    names = output_names(case)
+    assert len(outs) == len(refs) == len(names)
+    for name, o, r in zip(names, outs, refs):
+        assert_close(o, r, case.dtype, n[name], f"{case}: {name}")
+    # the per-sample log-det is the sum of the per-pixel ones
+    ld, ld_pix = outs[1], outs[-1]
+    assert ld_pix.shape == (case.B, *case.sp) and ld_pix.dtype == torch.float32
+    assert_close(ld_pix.reshape(case.B, -1).sum(1), ld, case.dtype, n["ld"], f"{case}: sum of ld_pix")
 
 
 def check_grads(case, got, want, names):
@@ -246,10 +261,11 @@ def test_launchers_match_reference(case):
     x, a, g, beta, perm, mu, ls = make_inputs(case)
     refs = reference_outputs(case, x, a, g, beta, perm, mu, ls)
     with forced(case), torch.no_grad():
-        z, ld, lp_pix, lp_smp, gin_mean = oc.coupling_forward(
+        z, ld, lp_pix, lp_smp, gin_mean, ld_pix = oc.coupling_forward(
             x, a, g, beta, perm, mu if case.loglik else None, ls if case.loglik else None, **kwargs(case))
-    outs = (z, ld, lp_pix, lp_smp) if case.loglik else (z, ld)
+    outs = (z, ld, lp_pix, lp_smp, ld_pix) if case.loglik else (z, ld, ld_pix)
     check_forward(case, outs, refs)
+    assert torch.equal(ld, ld_pix.reshape(case.B, -1).sum(1))  # exactly: ld is computed from ld_pix
     assert z.dtype == x.dtype and ld.dtype == torch.float32
     assert gin_mean.shape == ((case.B,) if case.gin else (0,))
     if not case.loglik:
@@ -259,9 +275,10 @@ def test_launchers_match_reference(case):
     inputs = [x, a, g, beta] + ([mu, ls] if case.loglik else [])
     used = [(r, u) for r, u in zip(refs, ups) if u is not None]
     want = torch.autograd.grad([r for r, _ in used], inputs, [u for _, u in used], allow_unused=True)
-    ups4 = list(ups) + [None] * (4 - len(ups))
+    by_name = dict(zip(output_names(case), ups))
+    ups5 = [by_name.get(k) for k in ("z", "ld", "lp_pix", "lp_smp", "ld_pix")]
     with forced(case), torch.no_grad():
-        got = oc.coupling_backward(*ups4, x, a, g, beta, perm, mu if case.loglik else None,
+        got = oc.coupling_backward(*ups5, x, a, g, beta, perm, mu if case.loglik else None,
                                    ls if case.loglik else None, gin_mean, **kwargs(case))
     got = list(got[:len(inputs)])
     if case.gin:
@@ -278,9 +295,10 @@ def test_autograd_matches_reference(case):
     refs = reference_outputs(case, x, a, g, beta, perm, mu, ls)
     with forced(case):
         if case.loglik:
-            outs = oc.coupling_forward_loglik_triton(x, a, g, beta, perm, mu, ls, **kwargs(case))
+            outs = oc.coupling_forward_loglik_triton(x, a, g, beta, perm, mu, ls, pixel_logdet=True,
+                                                     **kwargs(case))
         else:
-            outs = oc.coupling_forward_triton(x, a, g, beta, perm, **kwargs(case))
+            outs = oc.coupling_forward_triton(x, a, g, beta, perm, pixel_logdet=True, **kwargs(case))
     assert len(outs) == len(refs)
     check_forward(case, outs, refs)
 
@@ -335,12 +353,14 @@ def test_opcheck():
         res = torch.library.opcheck(oc.coupling_fwd_op, args)
         assert all(v == "SUCCESS" for v in res.values()), res
     d = [t.detach() for t in (x, a, g, beta, mu, ls)]
-    z, ld, lpp, lps, gm = oc.coupling_fwd_op(d[0], d[1], d[2], d[3], perm, d[4], d[5], 2.0, "freia", True,
-                                              "SIGMOID")
-    bargs = (torch.randn_like(z), torch.randn_like(ld), torch.randn_like(lpp), None, d[0], d[1], d[2], d[3],
-             perm, d[4], d[5], gm, 2.0, "freia", True, "SIGMOID", True, False)
-    res = torch.library.opcheck(oc.coupling_bwd_op, bargs)
-    assert all(v == "SUCCESS" for v in res.values()), res
+    z, ld, lpp, lps, gm, ldp = oc.coupling_fwd_op(d[0], d[1], d[2], d[3], perm, d[4], d[5], 2.0, "freia",
+                                                   True, "SIGMOID")
+    for gin in (True, False):
+        gin_mean = gm if gin else torch.empty(0)
+        bargs = (torch.randn_like(z), torch.randn_like(ld), torch.randn_like(lpp), None, torch.randn_like(ldp),
+                 d[0], d[1], d[2], d[3], perm, d[4], d[5], gin_mean, 2.0, "freia", gin, "SIGMOID", True, True)
+        res = torch.library.opcheck(oc.coupling_bwd_op, bargs)
+        assert all(v == "SUCCESS" for v in res.values()), res
 
 
 @pytest.mark.interpreter
@@ -392,17 +412,23 @@ def test_module_triton_matches_torch(C, sp, opts):
     outs = []
     for blk in (blk_t, blk_r):
         xi = x.clone().requires_grad_()
-        (z,), ld = blk(xi)
+        (z,), ld, ldp = blk.forward_pixel(xi)
+        with torch.no_grad():  # FrEIA's call gives the same z and log-det
+            (z0,), ld0 = blk(xi)
+        assert torch.equal(z0, z) and torch.equal(ld0, ld)
         gz = torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z)
-        loss = (z * gz).sum() + (ld * torch.tensor([0.7, -1.3], device=DEVICE)).sum()
+        gp = torch.linspace(1, -2, ldp.numel(), device=DEVICE).view_as(ldp)
+        loss = (z * gz).sum() + (ld * torch.tensor([0.7, -1.3], device=DEVICE)).sum() + (ldp * gp).sum()
         blk.zero_grad()
         loss.backward()
-        outs.append((z.detach(), ld.detach(), xi.grad, {n: p.grad for n, p in blk.named_parameters()}))
+        outs.append((z.detach(), ld.detach(), ldp.detach(), xi.grad,
+                     {n: p.grad for n, p in blk.named_parameters()}))
     assert sum(oc.LAUNCHES.values()) > launches, "impl='triton' did not launch the kernels"
-    (zt, ldt, gxt, gpt), (zr, ldr, gxr, gpr) = outs
+    (zt, ldt, ldpt, gxt, gpt), (zr, ldr, ldpr, gxr, gpr) = outs
     N = math.prod(sp)
     assert_close(zt, zr, torch.float32, 1, "z")
     assert_close(ldt, ldr, torch.float32, C * N, "log_jac_det")
+    assert_close(ldpt, ldpr, torch.float32, C, "log_jac_det_pixel")
     assert_close(gxt, gxr, torch.float32, 1, "dx")
     assert gpt.keys() == gpr.keys()
     for name in gpt:
@@ -606,8 +632,8 @@ for mode, aff, gin, perm, ll, dt, bc, bp in [(0, 0, False, True, True, "fp32", 4
     build(K._coupling_gin_stats_kernel, t, dict(CLAMP_MODE=mode, BLOCK_C=bc, BLOCK_P=bp))
     for ph in ((1, 2) if gin else (0,)):
         for it in (1, 4):
-            build(K._coupling_bwd_kernel, t, dict(f, HAS_GZ=True, GIN_PHASE=ph, STORE_DX=True,
-                                                  STORE_DA=ph != 1, PIX_ITERS=it))
+            build(K._coupling_bwd_kernel, t, dict(f, HAS_GZ=True, HAS_GLD_PIX=it == 1, GIN_PHASE=ph,
+                                                  STORE_DX=True, STORE_DA=ph != 1, PIX_ITERS=it))
 print("ok")
 '''
 

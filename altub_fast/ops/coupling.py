@@ -240,16 +240,18 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
                      perm: Optional[Tensor] = None, mu: Optional[Tensor] = None,
                      log_sigma: Optional[Tensor] = None, *, clamp: float = 2.0,
                      clamp_mode: str = "legacy", gin: bool = False, affine_type: str = "SOFTPLUS"
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward kernels (no autograd).
 
     x: (B, C, *sp) float32/float16/bfloat16; a: (B, 2*C2, *sp) raw subnet output (any of those
     dtypes); global_scale/global_offset: C elements; perm: (C,) int64 or None; mu/log_sigma: C
     elements each, or both None (no log-likelihood).
     Returns (z (B, C, *sp) in x's dtype, log_jac_det (B,) float32, logp_pixel (B, *sp) float32,
-    logp_sample (B,) float32, gin_mean (B,) float32), where logp_* are empty (0,) tensors without
-    mu/log_sigma and gin_mean (the per-sample mean of the clamped log-scale, saved for the
-    backward) is empty (0,) without GIN.
+    logp_sample (B,) float32, gin_mean (B,) float32, log_jac_det_pixel (B, *sp) float32), where
+    logp_* are empty (0,) tensors without mu/log_sigma and gin_mean (the per-sample mean of the
+    clamped log-scale, saved for the backward) is empty (0,) without GIN. log_jac_det_pixel is the
+    forward kernel's per-pixel log-det partials summed over the channel groups (no extra pass);
+    log_jac_det is its sum over each sample's pixels.
     """
     C, C1, C2 = _check(x, a, global_scale, global_offset, perm, mu, log_sigma, clamp_mode, affine_type)
     B, _, N, P = _dims(x)
@@ -261,7 +263,8 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
         ld = torch.zeros(B, dtype=f32, device=dev)
         lp_pix = torch.zeros((B, *x.shape[2:]), dtype=f32, device=dev) if loglik else empty
         return z, ld, lp_pix, ld.clone() if loglik else empty.clone(), \
-            torch.zeros(B, dtype=f32, device=dev) if gin else empty.clone()
+            torch.zeros(B, dtype=f32, device=dev) if gin else empty.clone(), \
+            torch.zeros((B, *x.shape[2:]), dtype=f32, device=dev)
     k = _kernels()
     dummy = torch.empty(1, dtype=f32, device=dev)
     xc = x.contiguous()
@@ -293,18 +296,19 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
             CLAMP_MODE=clamp_code, AFFINE=AFFINE_CODES[affine_type], GIN=bool(gin),
             HAS_PERM=perm is not None, LOGLIK=loglik, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p,
             num_warps=cfg.num_warps)
-    ld = ld_part.view(G, B, N).sum(dim=(0, 2))
+    ld_pix = (ld_part.sum(dim=0) if G > 1 else ld_part[0]).view(B, *x.shape[2:])
+    ld = ld_pix.reshape(B, N).sum(dim=1)
     if loglik:
         lp_pix = (lp_part.sum(dim=0) if G > 1 else lp_part[0]).view(B, *x.shape[2:])
         lp_smp = lp_pix.reshape(B, N).sum(dim=1)
     else:
         lp_pix, lp_smp = empty, empty.clone()
-    return z, ld, lp_pix, lp_smp, gin_mean if gin else empty.clone()
+    return z, ld, lp_pix, lp_smp, gin_mean if gin else empty.clone(), ld_pix
 
 
 def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Optional[Tensor],
-                      glp_sample: Optional[Tensor], x: Tensor, a: Tensor, global_scale: Tensor,
-                      global_offset: Tensor, perm: Optional[Tensor], mu: Optional[Tensor],
+                      glp_sample: Optional[Tensor], gld_pixel: Optional[Tensor], x: Tensor, a: Tensor,
+                      global_scale: Tensor, global_offset: Tensor, perm: Optional[Tensor], mu: Optional[Tensor],
                       log_sigma: Optional[Tensor], gin_mean: Optional[Tensor], *, clamp: float = 2.0,
                       clamp_mode: str = "legacy", gin: bool = False, affine_type: str = "SOFTPLUS",
                       need_x: bool = True, need_a: bool = True
@@ -312,8 +316,8 @@ def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Op
     """Launch the backward kernels (no autograd): recompute the forward from the saved inputs.
 
     Upstream gradients (each may be None = zero): gz (B, C, *sp) any float dtype, gld (B,),
-    glp_pixel (B, *sp), glp_sample (B,). Saved inputs as :func:`coupling_forward`, plus gin_mean
-    (B,) float32 from the forward (GIN only).
+    glp_pixel (B, *sp), glp_sample (B,), gld_pixel (B, *sp) (of the per-pixel log-det). Saved
+    inputs as :func:`coupling_forward`, plus gin_mean (B,) float32 from the forward (GIN only).
     need_x / need_a False skips writing gx / ga (returned as empty (0,) tensors), e.g. in AltUB's
     base-only update where only mu and log_sigma need gradients.
     Returns (gx like x, ga like a, g_global_scale and g_global_offset shaped and typed like the
@@ -356,6 +360,7 @@ def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Op
                      else torch.zeros(B, dtype=f32, device=dev))
     else:
         mu_c = ls_c = glp_pix_c = glp_smp_c = dummy
+    gld_pix_c = gld_pixel.reshape(P).to(f32).contiguous() if gld_pixel is not None else dummy
 
     cfg = launch_config(C, N, P, dev, backward=True)
     G, R = cfg.groups(C), cfg.tiles(P)
@@ -367,17 +372,17 @@ def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Op
     common = (xc, ac, g, beta, permc, mu_c, ls_c, gin_mean_c)
     flags = dict(CLAMP_MODE=CLAMP_CODES[clamp_mode], AFFINE=AFFINE_CODES[affine_type], GIN=bool(gin),
                  HAS_PERM=perm is not None, LOGLIK=loglik, HAS_GZ=gz is not None,
-                 STORE_DX=bool(need_x), STORE_DA=bool(need_a) and C2 > 0, BLOCK_C=cfg.block_c,
-                 BLOCK_P=cfg.block_p, PIX_ITERS=cfg.pix_iters, num_warps=cfg.num_warps)
+                 HAS_GLD_PIX=gld_pixel is not None, STORE_DX=bool(need_x), STORE_DA=bool(need_a) and C2 > 0,
+                 BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, PIX_ITERS=cfg.pix_iters, num_warps=cfg.num_warps)
     sizes = (C, C1, C2, N, P, cfg.cpg, float(clamp))
     gs_mean = torch.zeros(B, dtype=f32, device=dev) if gin else dummy
     if gin and need_a and C2 > 0:  # the mean of dL/ds only matters for a's gradient
         gs_part = torch.empty((G, P), dtype=f32, device=dev)
         _launch(k._coupling_bwd_kernel, (R, G), gx_arg, ga_arg, gg_part, gbeta_part, gmu_part, gls_part, gs_part,
-                gz_c, gld_c, glp_pix_c, glp_smp_c, *common, dummy, *sizes, GIN_PHASE=1, **flags)
+                gz_c, gld_c, gld_pix_c, glp_pix_c, glp_smp_c, *common, dummy, *sizes, GIN_PHASE=1, **flags)
         gs_mean = gs_part.view(G, B, N).sum(dim=(0, 2)) / float(C2 * N)
     _launch(k._coupling_bwd_kernel, (R, G), gx_arg, ga_arg, gg_part, gbeta_part, gmu_part, gls_part, dummy,
-            gz_c, gld_c, glp_pix_c, glp_smp_c, *common, gs_mean, *sizes,
+            gz_c, gld_c, gld_pix_c, glp_pix_c, glp_smp_c, *common, gs_mean, *sizes,
             GIN_PHASE=2 if gin else 0, **flags)
     return (gx, ga, finish(None if gin else gg_part, global_scale), finish(gbeta_part, global_offset),
             finish(gmu_part if loglik else None, mu), finish(gls_part if loglik else None, log_sigma))
@@ -388,7 +393,7 @@ def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Op
 def coupling_fwd_op(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                     perm: Optional[Tensor], mu: Optional[Tensor], log_sigma: Optional[Tensor],
                     clamp: float, clamp_mode: str, gin: bool, affine_type: str
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Custom op around :func:`coupling_forward` (same inputs and outputs)."""
     with _no_autocast(x):
         return coupling_forward(x, a, global_scale, global_offset, perm, mu, log_sigma, clamp=clamp,
@@ -407,25 +412,26 @@ def _coupling_fwd_fake(x, a, global_scale, global_offset, perm, mu, log_sigma, c
     else:
         lp_pix, lp_smp = x.new_empty((0,), dtype=f32), x.new_empty((0,), dtype=f32)
     gm = x.new_empty((B,) if gin else (0,), dtype=f32)
-    return z, ld, lp_pix, lp_smp, gm
+    ld_pix = x.new_empty((B, *x.shape[2:]), dtype=f32)
+    return z, ld, lp_pix, lp_smp, gm, ld_pix
 
 
 @torch.library.custom_op("altub_fast::coupling_bwd", mutates_args=())
 def coupling_bwd_op(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Optional[Tensor],
-                    glp_sample: Optional[Tensor], x: Tensor, a: Tensor, global_scale: Tensor,
-                    global_offset: Tensor, perm: Optional[Tensor], mu: Optional[Tensor],
+                    glp_sample: Optional[Tensor], gld_pixel: Optional[Tensor], x: Tensor, a: Tensor,
+                    global_scale: Tensor, global_offset: Tensor, perm: Optional[Tensor], mu: Optional[Tensor],
                     log_sigma: Optional[Tensor], gin_mean: Tensor, clamp: float, clamp_mode: str,
                     gin: bool, affine_type: str, need_x: bool, need_a: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Custom op around :func:`coupling_backward` (same inputs and outputs)."""
     with _no_autocast(x):
-        return coupling_backward(gz, gld, glp_pixel, glp_sample, x, a, global_scale, global_offset, perm,
-                                 mu, log_sigma, gin_mean, clamp=clamp, clamp_mode=clamp_mode, gin=gin,
+        return coupling_backward(gz, gld, glp_pixel, glp_sample, gld_pixel, x, a, global_scale, global_offset,
+                                 perm, mu, log_sigma, gin_mean, clamp=clamp, clamp_mode=clamp_mode, gin=gin,
                                  affine_type=affine_type, need_x=need_x, need_a=need_a)
 
 
 @coupling_bwd_op.register_fake
-def _coupling_bwd_fake(gz, gld, glp_pixel, glp_sample, x, a, global_scale, global_offset, perm, mu,
+def _coupling_bwd_fake(gz, gld, glp_pixel, glp_sample, gld_pixel, x, a, global_scale, global_offset, perm, mu,
                        log_sigma, gin_mean, clamp, clamp_mode, gin, affine_type, need_x, need_a):
     f32 = torch.float32
     return (x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape if need_a else (0,)),
@@ -447,15 +453,16 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors to read
 
 
-def _backward(ctx, gz, gld, glp_pixel, glp_sample, _g_gin_mean):
+def _backward(ctx, gz, gld, glp_pixel, glp_sample, _g_gin_mean, gld_pixel):
     x, a, global_scale, global_offset, perm, mu, log_sigma, gin_mean = ctx.saved_tensors
     clamp, clamp_mode, gin, affine_type = ctx.opts
     if mu is None:
         glp_pixel = glp_sample = None
     need = ctx.needs_input_grad
-    gx, ga, gg, gbeta, gmu, gls = coupling_bwd_op(gz, gld, glp_pixel, glp_sample, x, a, global_scale,
-                                                  global_offset, perm, mu, log_sigma, gin_mean, clamp,
-                                                  clamp_mode, gin, affine_type, bool(need[0]), bool(need[1]))
+    gx, ga, gg, gbeta, gmu, gls = coupling_bwd_op(gz, gld, glp_pixel, glp_sample, gld_pixel, x, a,
+                                                  global_scale, global_offset, perm, mu, log_sigma, gin_mean,
+                                                  clamp, clamp_mode, gin, affine_type, bool(need[0]),
+                                                  bool(need[1]))
     return (gx if need[0] else None, ga if need[1] else None,
             gg if (need[2] and not gin) else None, gbeta if need[3] else None, None,
             gmu if (mu is not None and need[5]) else None,
@@ -470,32 +477,20 @@ coupling_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def coupling_forward_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor] = None, *, clamp: float = 2.0,
                             clamp_mode: str = "legacy", gin: bool = False,
-                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False) -> Tuple[Tensor, ...]:
+                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False
+                            ) -> Tuple[Tensor, ...]:
     """:func:`altub_fast.reference.coupling_forward` on the Triton kernels, differentiable.
 
     x: (B, C, *sp) float32/float16 (bfloat16 on CUDA); a: (B, 2*C2, *sp) raw subnet output, may
     differ in dtype from x (autocast); global_scale/global_offset: (C,) or (1, C, 1, ...); perm:
     (C,) int64 with z[:, i] = v[:, perm[i]], or None. Returns z (B, C, *sp) in x's dtype and
-    log_jac_det (B,) float32.
+    log_jac_det (B,) float32, and with pixel_logdet=True also the per-pixel log-det (B, *sp)
+    float32 (the op always computes it, from the forward kernel's partial buffers; a loss may use
+    it: the backward takes its gradient).
     """
-    z, ld, _, _, _ = coupling_fwd_op(x, a, global_scale, global_offset, perm, None, None, float(clamp),
-                                     clamp_mode, bool(gin), affine_type)
-    if pixel_logdet:
-        return z, ld, _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin, affine_type)
-    return z, ld
-
-
-def _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin, affine_type):
-    """INTERIM (until the kernels return it): the per-pixel log-det in plain torch from a's
-    log-scale half and the global scale (differentiable by autograd)."""
-    C2 = x.shape[1] // 2
-    s = reference.coupling_scale(a[:, :C2].to(torch.float32) * reference.SUBNET_PRESCALE, clamp,
-                                 clamp_mode, gin)
-    ld_pix = s.sum(dim=1)
-    if not gin:
-        g = global_scale.reshape(x.shape[1]).to(torch.float32)
-        ld_pix = ld_pix + torch.log(reference.global_scale_activation(g, affine_type)).sum()
-    return ld_pix
+    z, ld, _, _, _, ld_pix = coupling_fwd_op(x, a, global_scale, global_offset, perm, None, None,
+                                             float(clamp), clamp_mode, bool(gin), affine_type)
+    return (z, ld, ld_pix) if pixel_logdet else (z, ld)
 
 
 def coupling_forward_loglik_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
@@ -506,12 +501,11 @@ def coupling_forward_loglik_triton(x: Tensor, a: Tensor, global_scale: Tensor, g
     """:func:`altub_fast.reference.coupling_forward_loglik` on the Triton kernels, differentiable:
     the last-block variant, also evaluating the learnable Gaussian (mu, log_sigma: (C,) or
     (1, C, 1, ...), indexed by z's channel). Returns z (x's dtype), log_jac_det (B,),
-    logp_pixel (B, *sp) and logp_sample (B,), all three float32."""
+    logp_pixel (B, *sp) and logp_sample (B,), all three float32, and with pixel_logdet=True the
+    per-pixel log-det (B, *sp) float32 last."""
     if mu is None or log_sigma is None:
         raise ValueError("coupling_forward_loglik_triton needs mu and log_sigma (zeros for N(0, I))")
-    z, ld, lp_pix, lp_smp, _ = coupling_fwd_op(x, a, global_scale, global_offset, perm, mu, log_sigma,
-                                               float(clamp), clamp_mode, bool(gin), affine_type)
-    if pixel_logdet:
-        return z, ld, lp_pix, lp_smp, _pixel_logdet_interim(x, a, global_scale, clamp, clamp_mode, gin,
-                                                            affine_type)
-    return z, ld, lp_pix, lp_smp
+    z, ld, lp_pix, lp_smp, _, ld_pix = coupling_fwd_op(x, a, global_scale, global_offset, perm, mu,
+                                                       log_sigma, float(clamp), clamp_mode, bool(gin),
+                                                       affine_type)
+    return (z, ld, lp_pix, lp_smp, ld_pix) if pixel_logdet else (z, ld, lp_pix, lp_smp)
