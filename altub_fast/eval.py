@@ -53,11 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-altub", action="store_true", help="baseline: fixed N(0, I) base instead of AltUB's")
     m.add_argument("--flow-steps", type=int, default=None, help="blocks per flow (default: the model's)")
     m.add_argument("--checkpoint", default=None, help="load a trained checkpoint instead of training")
+    m.add_argument("--score", choices=("loglik", "fastflow", "cflow"), default=None,
+                   help="anomaly map: loglik (full log-likelihood standardised on held-out normals), fastflow "
+                        "(the FastFlow paper's), cflow (CFLOW-AD's) (default: the model's; fastflow for both runs "
+                        "of --compare-reference with FrEIA's block, which has no per-pixel log-det)")
+    m.add_argument("--image-score", default=None, help="image score from the map: max, topk or topk:F "
+                   "(mean of the top fraction F of pixels) (default: the model's)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="default 100 (10 with --synthetic)")
     t.add_argument("--batch-size", type=int, default=None, help="default 32 (FastFlow) / fiber batch 256 (CFLOW-AD)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="normal images held out of training for the held-out NLL, the checkpoint choice and the "
+                        "threshold: <category>/validation/good when it exists, else this seeded fraction of "
+                        "train/good (default 0.1; 0: none)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/<run>/last.pt if present")
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     r = p.add_argument_group("run")
@@ -111,7 +121,7 @@ def _implementation_used(before: Dict[str, int]) -> str:
 
 
 def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[str], block: str,
-            out_dir: Path) -> dict:
+            out_dir: Path, heldout_ds=None) -> dict:
     """Train (or load) one model and score the test set; returns the result record."""
     from . import functional
     from .metrics import compute_all
@@ -123,10 +133,16 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     kw = dict(impl=impl)
     if args.model == "fastflow":
         kw["block"] = block
+    score = args.score or ("fastflow" if args.compare_reference and args.model == "fastflow" else None)
+    if score is not None:
+        kw["score"] = score
+    if args.image_score is not None:
+        kw["image_score"] = args.image_score
     if args.flow_steps is not None:
         kw["flow_steps" if args.model == "fastflow" else "coupling_blocks"] = args.flow_steps
     history: List[dict] = []
     train_s = 0.0
+    split = None
     if args.checkpoint:
         model = load_model(args.checkpoint, device=device)
     else:
@@ -139,7 +155,8 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
             opts["batch_size"] = args.batch_size
         if args.lr:
             opts["lr"] = args.lr
-        trainer = AltUBTrainer(model, train_ds, **opts)
+        trainer = AltUBTrainer(model, train_ds, heldout=heldout_ds, heldout_fraction=args.heldout_fraction, **opts)
+        split = trainer.split.to_dict()
         last = ckpt_dir / "last.pt"
         if args.resume and last.exists():
             trainer.load_checkpoint(str(last))
@@ -148,7 +165,7 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         epochs_before = trainer.epoch
         history = trainer.fit(args.epochs)
         train_s = time.perf_counter() - t0
-        trained_images = len(train_ds) * max(0, args.epochs - epochs_before)
+        trained_images = len(trainer.dataset) * max(0, trainer.epoch - epochs_before)
     t0 = time.perf_counter()
     res = predict(model, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
                   amp=args.amp)
@@ -178,6 +195,9 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         "epochs": args.epochs if not args.checkpoint else None,
         "checkpoint": args.checkpoint or str(out_dir / "checkpoints" / label / "last.pt"),
         "final_epoch_log": history[-1] if history else None,
+        # which images were held out of training (the file lists are in the checkpoint)
+        "heldout": None if split is None else {k: split[k] for k in ("source", "fraction", "seed", "n_train",
+                                                                     "n_heldout")},
     }
     record["_predictions"] = res
     return record
@@ -239,6 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.epochs = 10 if args.synthetic else 100
     if args.epochs < 1:
         return _fail(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0.0 <= args.heldout_fraction < 1.0:
+        return _fail(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     if args.image_size < 32:
         return _fail(f"--image-size must be at least 32, got {args.image_size}")
     if args.synthetic:
@@ -279,6 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(missing_data_message(root, args.category, where), file=sys.stderr)
             return EXIT_USAGE
         train_ds = MVTecAD(root, args.category, split="train", image_size=args.image_size)
+        heldout_ds = (MVTecAD(root, args.category, split="validation", image_size=args.image_size)
+                      if MVTecAD.has_validation(root, args.category) else None)
         test_ds = MVTecAD(root, args.category, split="test", image_size=args.image_size)
     except DatasetError as e:
         return _fail(str(e))
@@ -295,13 +319,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 runs.append(("reference", "torch", "altub"))
         else:
             runs.append(("reference", "torch", "altub"))
-    print(f"altub_fast eval: {args.model} on {root / args.category} ({len(train_ds)} train, {len(test_ds)} test "
-          f"images at {args.image_size}px), {args.epochs} epochs, seed {args.seed}, device {device}")
+    held = (f"{len(heldout_ds)} held-out from validation/good" if heldout_ds is not None
+            else f"held-out fraction {args.heldout_fraction:g} of train/good")
+    print(f"altub_fast eval: {args.model} on {root / args.category} ({len(train_ds)} train/good, {held}, "
+          f"{len(test_ds)} test images at {args.image_size}px), {args.epochs} epochs, seed {args.seed}, "
+          f"device {device}")
     records = []
     try:
         for label, impl, block in runs:
             rec = run_one(args, label, train_ds=train_ds, test_ds=test_ds, device=device, impl=impl, block=block,
-                          out_dir=out_dir)
+                          out_dir=out_dir, heldout_ds=heldout_ds)
             rec["files"] = write_pngs(rec, test_ds, out_dir, args.num_overlays)
             records.append(rec)
     except BackboneWeightsError as e:

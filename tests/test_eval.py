@@ -160,3 +160,29 @@ def test_missing_mask_in_a_masked_category_is_an_error_naming_the_file(tmp_path,
     err = capsys.readouterr().err
     assert code == 2
     assert victim.name.replace("_mask", "") in err and "has no mask" in err
+
+
+def test_heldout_split_from_validation_folder_or_fraction(run, tmp_path):
+    _, out = run   # the synthetic carpet has no validation/good: a seeded 10 % of train/good
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"][0]["heldout"] == {"source": "fraction", "fraction": 0.1, "seed": 0, "n_train": 54,
+                                         "n_heldout": 6}
+    import shutil
+
+    from altub_fast.data import make_synthetic_carpet
+    from altub_fast.train import load_checkpoint_file
+
+    cat = make_synthetic_carpet(tmp_path / "d", n_train=6, n_test_good=2, n_test_defect=1, size=64, category="v")
+    (cat / "validation" / "good").mkdir(parents=True)
+    for p in sorted((cat / "train" / "good").glob("*.png"))[:2]:
+        shutil.move(str(p), str(cat / "validation" / "good" / p.name))
+    code = cli.main(["--category", "v", "--data-root", str(tmp_path / "d"), "--backbone", "efficientnet_lite0",
+                     "--image-size", "64", "--epochs", "1", "--flow-steps", "1", "--num-overlays", "0",
+                     "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0
+    run_rec = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert run_rec["heldout"]["source"] == "validation" and run_rec["heldout"]["n_heldout"] == 2
+    assert run_rec["heldout"]["n_train"] == 4
+    ck = load_checkpoint_file(str(tmp_path / "o" / "checkpoints" / "altub_fast" / "last.pt"))
+    assert [p.split("/")[-3:] for p in ck["heldout"]["heldout_files"]] == [["validation", "good", "000.png"],
+                                                                           ["validation", "good", "001.png"]]

@@ -37,7 +37,7 @@ updates; the schedule is the same on every rank.
 Where things are: ``schedule.py`` (AltUBSchedule, TrainConfig, make_config), ``batches.py`` (the
 seeded sampler and loaders), ``cache.py`` (the feature cache), ``stats.py`` (z statistics and the
 epoch line), ``checkpoint.py`` (atomic_save, load_checkpoint_file, build_model_from_checkpoint,
-load_model, RNG states), ``distributed.py`` (DDP set-up), ``trainer.py`` (AltUBTrainer, train),
+load_model, RNG states), ``distributed.py`` (DDP set-up), ``heldout.py`` (the held-out normal split), ``trainer.py`` (AltUBTrainer, train),
 ``scoring.py`` (predict).
 """
 from .batches import dataset_of, epoch_batches, make_loader
@@ -45,14 +45,16 @@ from .cache import build_feature_cache, check_feature_cache
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
                          load_model, rng_state, set_rng_state)
 from .distributed import setup_distributed
+from .heldout import HeldoutSplit, dataset_files, make_split, split_indices
 from .schedule import NONFINITE_POLICIES, AltUBSchedule, TrainConfig, make_config
 from .scoring import predict
 from .stats import ZStats, format_record, scale_stats
 from .trainer import AltUBTrainer, NonFiniteLossError, train
 
 __all__ = [
-    "AltUBSchedule", "AltUBTrainer", "CHECKPOINT_FORMAT", "NONFINITE_POLICIES", "NonFiniteLossError", "TrainConfig",
-    "ZStats", "atomic_save", "build_feature_cache", "build_model_from_checkpoint", "check_feature_cache",
-    "dataset_of", "epoch_batches", "format_record", "load_checkpoint_file", "load_model", "make_config",
-    "make_loader", "predict", "rng_state", "scale_stats", "set_rng_state", "setup_distributed", "train",
+    "AltUBSchedule", "AltUBTrainer", "atomic_save", "build_feature_cache", "build_model_from_checkpoint",
+    "check_feature_cache", "CHECKPOINT_FORMAT", "dataset_files", "dataset_of", "epoch_batches",
+    "format_record", "HeldoutSplit", "load_checkpoint_file", "load_model", "make_config", "make_loader",
+    "make_split", "NONFINITE_POLICIES", "NonFiniteLossError", "predict", "rng_state", "scale_stats",
+    "set_rng_state", "setup_distributed", "split_indices", "train", "TrainConfig", "ZStats",
 ]

@@ -75,6 +75,10 @@ class TrainConfig:
     z_stats: bool = True
     check_finite: bool = True
     device: Optional[str] = None
+    # the held-out normal split (heldout.py): a seeded fraction of the training images, unless the
+    # trainer is handed a separate held-out set (heldout=); never trained on
+    heldout_fraction: float = 0.0
+    heldout_seed: Optional[int] = None        # None: seed
 
     def __post_init__(self):
         if isinstance(self.schedule, dict):
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

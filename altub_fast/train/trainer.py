@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..models.backbones import NonFiniteError
@@ -25,6 +25,7 @@ from .cache import autocast, build_feature_cache, cached_batches, check_feature_
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
                          rng_state, set_rng_state)
 from .distributed import StepModule, all_true, setup_distributed
+from .heldout import HeldoutSplit, check_same_data, make_split
 from .schedule import TrainConfig, make_config
 from .stats import ZStats, format_record, scale_stats
 
@@ -40,13 +41,15 @@ class AltUBTrainer:
     ``base_parameters()``, ``extract_features()``, ``training_units()``, ``step_loss()``,
     ``base_only_loss()``, ``trainable_state_dict()``, ``config``, ``altub``).
 
-    ``AltUBTrainer(model, data, config=None, **options)``; options are :class:`TrainConfig` fields
-    and the schedule's knobs (k, r, warmup, unit, base_optimizer, base_lr, base_clip_value).
-    ``fit(epochs)`` trains up to that many epochs in total (continuing after ``load_checkpoint``)
-    and returns the history (one dict per epoch).
+    ``AltUBTrainer(model, data, config=None, heldout=None, **options)``; options are
+    :class:`TrainConfig` fields and the schedule's knobs (k, r, warmup, unit, base_optimizer,
+    base_lr, base_clip_value). ``heldout``: a separate set of normal images never trained on (e.g.
+    ``validation/good``); without it, ``heldout_fraction`` holds out a seeded fraction of ``data``
+    (see heldout.py). ``fit(epochs)`` trains up to that many epochs in total (continuing after
+    ``load_checkpoint``) and returns the history (one dict per epoch).
     """
 
-    def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None, **options):
+    def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None, heldout=None, **options):
         self.config = cfg = make_config(config, **options)
         self.rank, self.world_size, self.local_rank = setup_distributed()
         if cfg.device is not None:
@@ -58,7 +61,10 @@ class AltUBTrainer:
         if cfg.amp and self.device.type != "cuda":
             warnings.warn("amp=True: bfloat16 autocast runs on CUDA only; training on the CPU in float32")
         self.model = model.to(self.device)
-        self.dataset, loader_bs, loader_workers, self.collate_fn = dataset_of(data)
+        self.data, loader_bs, loader_workers, self.collate_fn = dataset_of(data)
+        self.heldout_data = dataset_of(heldout)[0] if heldout is not None else None
+        seed = cfg.heldout_seed if cfg.heldout_seed is not None else cfg.seed
+        self._use_split(make_split(self.data, self.heldout_data, cfg.heldout_fraction, seed))
         self.batch_size = int(cfg.batch_size or loader_bs or 32)
         self.num_workers = cfg.num_workers or loader_workers
         self.altub = bool(getattr(model, "altub", False))
@@ -98,6 +104,19 @@ class AltUBTrainer:
         self.last_checkpoint: Optional[str] = None
         self._cache: Optional[List[Tensor]] = None
         self.cache_seconds: Optional[float] = None
+
+    def _use_split(self, split: HeldoutSplit) -> None:
+        """Train on ``split``'s training images (``self.dataset``); hold out the rest (``self.heldout_dataset``)."""
+        self.split = split
+        self.dataset = self.data if split.train_indices is None else Subset(self.data, split.train_indices)
+        if split.source == "fraction":
+            self.heldout_dataset = Subset(self.data, split.heldout_indices)
+        elif split.source == "validation":
+            self.heldout_dataset = self.heldout_data
+        else:
+            self.heldout_dataset = None
+        if len(self.dataset) == 0:
+            raise ValueError("the training set is empty")
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -345,6 +364,7 @@ class AltUBTrainer:
             "history": self.history,
             "rng": rng_state(),
             "world_size": self.world_size,
+            "heldout": self.split.to_dict(),
         }
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
@@ -389,29 +409,46 @@ class AltUBTrainer:
         self.base_updates = int(ck["base_updates"])
         self.skipped_updates = int(ck.get("skipped_updates", 0))
         self.history = list(ck.get("history", []))
+        self._restore_split(ck, path)
         if restore_rng:
             set_rng_state(ck["rng"])
         self.last_checkpoint = os.path.abspath(path)
         return ck
 
+    def _restore_split(self, ck: dict, path: str) -> None:
+        """Hold out exactly the images the checkpoint's run held out (checked against the data)."""
+        if "heldout" in ck:
+            split = HeldoutSplit.from_dict(ck["heldout"])
+        else:   # written before held-out splits existed: that run trained on every image
+            split = HeldoutSplit("none", 0.0, int(self.config.seed), len(self.data), None, None, None, None)
+        check_same_data(split, self.data, self.heldout_data, f"checkpoint {path!r}")
+        if split == self.split:
+            return
+        if self.split.source != "none" or split.source != "none":
+            warnings.warn(f"resuming from {path}: its held-out split ({split.describe()}) replaces the one "
+                          f"these options asked for ({self.split.describe()})")
+        self._use_split(split)
+        self._cache = None    # built for the other split
+
     @classmethod
-    def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, **options) -> "AltUBTrainer":
-        """Rebuild the model from the checkpoint's config (unless given) and resume from it."""
+    def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, heldout=None,
+                        **options) -> "AltUBTrainer":
+        """Rebuild the model from the checkpoint's config (unless given) and resume from it (with
+        the same held-out set, if the checkpoint's run had a separate one)."""
         ck = load_checkpoint_file(path)
         if model is None:
             model = build_model_from_checkpoint(ck)
         config = make_config(TrainConfig(**{k: v for k, v in ck["train_config"].items()}), **options)
-        trainer = cls(model, data, config)
+        trainer = cls(model, data, config, heldout=heldout)
         trainer.load_checkpoint(path)
         return trainer
 
 
-
 def train(model: nn.Module, data, config: Optional[TrainConfig] = None, resume: Optional[str] = None,
-          **options) -> List[dict]:
+          heldout=None, **options) -> List[dict]:
     """Functional form: ``AltUBTrainer(model, data, config, **options)``, optionally resumed from
     a checkpoint, then ``fit()``; returns the history."""
-    trainer = AltUBTrainer(model, data, config, **options)
+    trainer = AltUBTrainer(model, data, config, heldout=heldout, **options)
     if resume:
         trainer.load_checkpoint(resume)
     return trainer.fit()
