@@ -245,7 +245,9 @@ class CFlow(FlowModel):
             B, C, h, w = f.shape
             e, c = self.fibers(f)
             full, base = [], []
-            for s in range(0, e.shape[0], self.inference_chunk):
+            # one call when the fibers fit: no loop bound depends on the batch size (torch.export)
+            starts = (0,) if e.shape[0] <= self.inference_chunk else range(0, e.shape[0], self.inference_chunk)
+            for s in starts:
                 o = self.fiber_loglik(layer, e[s:s + self.inference_chunk], c[s:s + self.inference_chunk])
                 full.append(o.log_prob.float())
                 base.append(o.logp_sample.float())
