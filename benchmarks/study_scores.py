@@ -63,11 +63,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "reduced": dict(image_size=256, batch_size=32, seeds=[0, 1, 2], eval_every=4, heldout_fraction=0.1,
                     epochs={"magnetic_tile": 20, "kolektor": 24, "carpet_synthetic": 16, "bottle": 16},
                     arms={"altub": [0, 1, 2], "baseline": [0, 1, 2], "altub_published_loss": [0]},
-                    block_sets_epochs=12, cflow_epochs=3, cflow_train=100, knn_bank=60000,
+                    cflow_epochs=3, cflow_train=100, knn_bank=60000,
                     syn=dict(n_train=120, n_test_good=30, n_test_defect=8, size=256)),
     "tiny": dict(image_size=64, batch_size=4, seeds=[0], eval_every=1, heldout_fraction=0.25,
                  epochs={"magnetic_tile": 2, "kolektor": 2, "carpet_synthetic": 2, "bottle": 2},
-                 arms={"altub": [0], "baseline": [0]}, block_sets_epochs=1, cflow_epochs=1, cflow_train=8,
+                 arms={"altub": [0], "baseline": [0]}, cflow_epochs=1, cflow_train=8,
                  knn_bank=2000, syn=dict(n_train=12, n_test_good=3, n_test_defect=1, size=64)),
 }
 
@@ -273,6 +273,9 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="folder holding magnetic_tile/, kolektor/, bottle/ "
                    "(default: shared/data beside the repository)")
     p.add_argument("--synthetic-root", default=None)
+    p.add_argument("--seeds", default=None, help="only these seeds of the arms (comma list), to split a study "
+                   "over processes")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs for every data set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--feature-cache", default=None, help="folder to keep extracted backbone features in "
                    "(a rerun then skips the backbone)")
@@ -324,7 +327,7 @@ def main(argv=None) -> Dict[str, Any]:
                 os.replace(cache + ".tmp", cache)
         log(f"{ds}: features of blocks {ALL_BLOCKS} in {time.perf_counter() - t0:.1f}s")
         results["datasets"][ds] = data["info"]
-        E = cfg["epochs"][ds]
+        E = args.epochs or cfg["epochs"][ds]
 
         def add(*a, **kw):
             results["runs"].append(run_fastflow(data, feats, *a, **kw))
@@ -337,15 +340,17 @@ def main(argv=None) -> Dict[str, Any]:
         # after the first seed (one seed each).
         arms = cfg["arms"] if ("arms" in parts and ds != "bottle") else {}
         seeds = sorted({s for v in arms.values() for s in v})
-        for i, seed in enumerate(seeds or [None]):
+        if args.seeds is not None:
+            seeds = [s for s in seeds if s in {int(x) for x in args.seeds.split(",")}]
+        for seed in seeds or [None]:
             for arm, arm_seeds in arms.items():
                 if seed in arm_seeds:
                     add(arm, seed, DEFAULT_BLOCKS, E, cfg)
-            if i == 0 and "blocks" in parts:
+            if seed in (0, None) and "blocks" in parts:
                 for name, blocks in BLOCK_SETS.items():
                     if blocks == DEFAULT_BLOCKS and arms:
                         continue  # the altub seed-0 run above is this block set
-                    add("altub", 0, blocks, E if ds == "bottle" else cfg["block_sets_epochs"], cfg)
+                    add("altub", 0, blocks, E, cfg)
         if "cflow" in parts and ds != "carpet_synthetic":
             for name, blocks in BLOCK_SETS.items():
                 add("altub", 0, blocks, cfg["cflow_epochs"], cfg, model_name="cflow", n_train=cfg["cflow_train"])
