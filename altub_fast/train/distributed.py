@@ -3,7 +3,7 @@ the collective decisions every rank must take alike."""
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,6 @@ class StepModule(nn.Module):
         return self.model.step_loss(unit)
 
 
-
 def all_true(flag: bool, world_size: int, device: torch.device) -> bool:
     """``flag`` on every rank (a MIN all-reduce; just ``flag`` without DDP)."""
     if world_size == 1:
@@ -48,3 +47,12 @@ def all_true(flag: bool, world_size: int, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0.5)
+
+
+def broadcast_floats(values: List[float], world_size: int, device: torch.device) -> List[float]:
+    """Rank 0's ``values`` on every rank (so that decisions taken from them agree)."""
+    if world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return [float(v) for v in t.tolist()]

@@ -79,6 +79,10 @@ class TrainConfig:
     # trainer is handed a separate held-out set (heldout=); never trained on
     heldout_fraction: float = 0.0
     heldout_seed: Optional[int] = None        # None: seed
+    # per epoch: held-out NLL and training NLL (on this many training images), nats per dimension,
+    # from model.nll_per_dim (validation.py)
+    evaluate_nll: bool = True
+    train_nll_images: int = 64
 
     def __post_init__(self):
         if isinstance(self.schedule, dict):

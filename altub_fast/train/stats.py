@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from .validation import format_nll
+
 
 def channel_dims(z: Tensor) -> Tuple[int, ...]:
     return tuple(d for d in range(z.dim()) if d != 1)
@@ -85,4 +87,17 @@ def format_record(r: dict) -> str:
               f" sigma [{sc['sigma_min']:.3g}, {sc['sigma_mean']:.3g}, {sc['sigma_max']:.3g}]")
         if "z_mean_abs" in sc:
             s += f" z: mean|mean_c| {sc['z_mean_abs']:.3g} mean std_c {sc['z_std_mean']:.3g}"
+    if r.get("train_nll") is not None or r.get("heldout_nll") is not None:
+        s += (f" | NLL nats/dim: train {format_nll(r.get('train_nll'))}"
+              f" held-out {format_nll(r.get('heldout_nll'))}")
     return s
+
+
+def progress_text(r: dict) -> str:
+    """What the epochs' progress bar shows after an epoch: loss and NLLs (nats per dimension)."""
+    parts = [f"loss {r['loss']:.4g}"]
+    if r.get("train_nll") is not None:
+        parts.append(f"train NLL {format_nll(r['train_nll'])}")
+    if r.get("heldout_nll") is not None:
+        parts.append(f"held-out NLL {format_nll(r['heldout_nll'])}")
+    return ", ".join(parts) + (" nats/dim" if len(parts) > 1 else "")

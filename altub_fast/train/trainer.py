@@ -24,10 +24,11 @@ from .batches import dataset_of, epoch_batches, make_loader
 from .cache import autocast, build_feature_cache, cached_batches, check_feature_cache, extracted_batches
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
                          rng_state, set_rng_state)
-from .distributed import StepModule, all_true, setup_distributed
+from .distributed import StepModule, all_true, broadcast_floats, setup_distributed
 from .heldout import HeldoutSplit, check_same_data, make_split
 from .schedule import TrainConfig, make_config
-from .stats import ZStats, format_record, scale_stats
+from .stats import ZStats, format_record, progress_text, scale_stats
+from .validation import fixed_subset, mean_nll, require_nll
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ class AltUBTrainer:
         self.last_checkpoint: Optional[str] = None
         self._cache: Optional[List[Tensor]] = None
         self.cache_seconds: Optional[float] = None
+        self._heldout_cache: Optional[List[Tensor]] = None
+        # the NLL in nats per dimension (validation.py): held-out every epoch, training on a fixed subset
+        self.nll_enabled = callable(getattr(model, "nll_per_dim", None)) and cfg.evaluate_nll
+        if self.heldout_dataset is not None and cfg.evaluate_nll:
+            require_nll(model)
 
     def _use_split(self, split: HeldoutSplit) -> None:
         """Train on ``split``'s training images (``self.dataset``); hold out the rest (``self.heldout_dataset``)."""
@@ -178,6 +184,60 @@ class AltUBTrainer:
         extract it once. Checked against the dataset's length and the model's scales."""
         feats = check_feature_cache(features, len(self.dataset), getattr(self.model, "num_scales", None))
         self._cache = [f.to(self._cache_device()) for f in feats]
+
+    def _index_batches(self, n: int) -> List[Tensor]:
+        bs = int(self.config.extract_batch_size or self.batch_size)
+        return [torch.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+    def build_heldout_cache(self) -> List[Tensor]:
+        """The held-out images' backbone features, extracted once (like :meth:`build_cache`)."""
+        if self.heldout_dataset is None:
+            raise ValueError("no held-out images (give heldout= or heldout_fraction > 0)")
+        cfg = self.config
+        n = len(self.heldout_dataset)
+        batches = [b.tolist() for b in self._index_batches(n)]
+        loader = make_loader(self.heldout_dataset, batches, int(cfg.seed), num_workers=self.num_workers,
+                             pin_memory=self.device.type == "cuda", collate_fn=self.collate_fn)
+        self._heldout_cache = build_feature_cache(
+            self.model, loader, n, device=self.device, cache_device=self._cache_device(), amp=cfg.amp,
+            check=cfg.check_finite, what="held-out images",
+            progress=lambda it, **kw: self._progress(iterable=it, total=len(batches), **kw))
+        return self._heldout_cache
+
+    def heldout_feature_batches(self) -> Iterable[List[Tensor]]:
+        """The held-out images' features, batch by batch, in order (cached, or extracted now)."""
+        if self.heldout_dataset is None:
+            raise ValueError("no held-out images (give heldout= or heldout_fraction > 0)")
+        batches = self._index_batches(len(self.heldout_dataset))
+        if self._heldout_cache is not None:
+            return cached_batches(self._heldout_cache, batches, self.device)
+        loader = make_loader(self.heldout_dataset, [b.tolist() for b in batches], int(self.config.seed),
+                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                             collate_fn=self.collate_fn)
+        return extracted_batches(self.model, loader, self.device, self.config.amp)
+
+    def _train_nll_batches(self) -> Iterable[List[Tensor]]:
+        """The fixed subset of training images the training NLL is measured on, batch by batch."""
+        idx = torch.tensor(fixed_subset(len(self.dataset), int(self.config.train_nll_images), int(self.config.seed)))
+        batches = list(idx.split(int(self.config.extract_batch_size or self.batch_size)))
+        if self._cache is not None:
+            return cached_batches(self._cache, batches, self.device)
+        loader = self._loader([b.tolist() for b in batches], int(self.config.seed))
+        return extracted_batches(self.model, loader, self.device, self.config.amp)
+
+    def evaluate_nll(self) -> dict:
+        """{"heldout_nll", "train_nll"}: mean NLL in nats per dimension of the held-out images and
+        of the fixed training subset, in the model's current state (None where not measured)."""
+        held = train = None
+        if self.nll_enabled and self.heldout_dataset is not None:
+            held = mean_nll(self.model, self.heldout_feature_batches())
+        if self.nll_enabled and self.config.train_nll_images > 0:
+            train = mean_nll(self.model, self._train_nll_batches())
+        if self.world_size > 1:   # every rank computed the same; rank 0's numbers decide for all
+            sent = broadcast_floats([float("nan") if v is None else v for v in (held, train)],
+                                    self.world_size, self.device)
+            held, train = [None if v is None else b for v, b in zip((held, train), sent)]
+        return {"heldout_nll": held, "train_nll": train}
 
     def _feature_batches(self, batches: List[Tensor], epoch: int) -> Iterable[List[Tensor]]:
         if self._cache is not None:
@@ -262,13 +322,22 @@ class AltUBTrainer:
         target = int(epochs if epochs is not None else self.config.epochs)
         if self.config.cache_features and self._cache is None and self.epoch < target:
             self.build_cache()
+        if (self.config.cache_features and self.nll_enabled and self.heldout_dataset is not None
+                and self._heldout_cache is None and self.epoch < target):
+            self.build_heldout_cache()
         jsonl = self.config.log_jsonl
         if jsonl and self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
+        bar = self._progress(total=target, initial=self.epoch, desc="training", unit="epoch")
         for epoch in range(self.epoch, target):
             record = self.train_epoch(epoch, target)
+            t0 = time.perf_counter()
+            record.update(self.evaluate_nll())
+            record["nll_time_s"] = time.perf_counter() - t0
             self.epoch = epoch + 1
             self.history.append(record)
+            bar.update(1)
+            bar.set_postfix_str(progress_text(record))
             if self.is_main:
                 logger.info(self.format_record(record))
                 if jsonl:
@@ -276,6 +345,7 @@ class AltUBTrainer:
                         f.write(json.dumps(record) + "\n")
             if self.config.checkpoint_dir and (self.epoch % self.config.checkpoint_every == 0 or self.epoch == target):
                 self.save_checkpoint()
+        bar.close()
         return self.history
 
     def train_epoch(self, epoch: int, total_epochs: Optional[int] = None) -> dict:
@@ -429,6 +499,7 @@ class AltUBTrainer:
                           f"these options asked for ({self.split.describe()})")
         self._use_split(split)
         self._cache = None    # built for the other split
+        self._heldout_cache = None
 
     @classmethod
     def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, heldout=None,
