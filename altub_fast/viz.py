@@ -40,7 +40,7 @@ def _output_name(index: int, path: str) -> str:
 def save_overlays(
     images: ArrayLike,
     maps: ArrayLike,
-    masks: ArrayLike,
+    masks: Optional[ArrayLike],
     paths: Sequence[str],
     out_dir: PathLike,
     n: Optional[int] = None,
@@ -49,6 +49,8 @@ def save_overlays(
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
     alpha: float = 0.5,
+    titles: Optional[Sequence[str]] = None,
+    start_index: int = 0,
 ) -> List[Path]:
     """Write one PNG per image: the image with its mask contour, the anomaly map as a heat overlay with
     the mask contour, and the map alone with a colour bar.
@@ -57,8 +59,11 @@ def save_overlays(
         images: (N, 3, H, W) float images, ImageNet-normalised (``normalized=True``, as
             :class:`~altub_fast.data.MVTecAD` returns them) or in [0, 1].
         maps: (N, H, W) or (N, 1, H, W) anomaly maps at the images' resolution.
-        masks: ground-truth masks, same shape as ``maps`` (binarised at 0.5).
+        masks: ground-truth masks, same shape as ``maps`` (binarised at 0.5), or ``None`` for images
+            without ground truth (no contour is drawn).
         paths: the N source image paths; they name the output files ``NNNN_<defect>_<stem>.png``.
+        titles: N figure titles (default: the paths), e.g. a score and a decision per image.
+        start_index: the number NNNN of the first image, for writing a large set chunk by chunk.
         out_dir: folder for the PNGs (created if needed).
         n: write only ``n`` images, spread evenly over the set; ``None`` writes all.
         vmin, vmax: colour range of the maps; default the range over all given maps, so colours
@@ -70,8 +75,15 @@ def save_overlays(
     imgs = _to_numpy(images)
     if imgs.ndim != 4 or imgs.shape[1] != 3:
         raise ValueError(f"images must have shape (N, 3, H, W), got {imgs.shape}")
+    if masks is None:
+        masks = np.zeros(np.shape(maps), dtype=np.float32)
+        has_truth = False
+    else:
+        has_truth = True
     map_stack, mask_stack = _ImageStack(maps, "maps"), _ImageStack(masks, "masks")
     count = imgs.shape[0]
+    if titles is not None and len(titles) != count:
+        raise ValueError(f"got {count} images but {len(titles)} titles")
     if not (map_stack.n == mask_stack.n == len(paths) == count):
         raise ValueError(f"got {count} images, {map_stack.n} maps, {mask_stack.n} masks, {len(paths)} paths")
     if tuple(map_stack.shape) != tuple(imgs.shape[2:]) or tuple(mask_stack.shape) != tuple(imgs.shape[2:]):
@@ -101,7 +113,7 @@ def save_overlays(
         fig = _new_figure(12, 4.3)
         axes = fig.subplots(1, 3)
         axes[0].imshow(rgb)
-        axes[0].set_title("image + ground truth")
+        axes[0].set_title("image + ground truth" if has_truth else "image")
         axes[1].imshow(rgb)
         axes[1].imshow(amap, cmap="jet", alpha=alpha, vmin=lo, vmax=hi)
         axes[1].set_title(f"anomaly map (max {amap.max():.3g})")
@@ -113,8 +125,8 @@ def save_overlays(
                 ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
         for ax in axes:
             ax.set_axis_off()
-        fig.suptitle(str(paths[i]), fontsize=8)
-        target = out / _output_name(i, str(paths[i]))
+        fig.suptitle(str(paths[i]) if titles is None else str(titles[i]), fontsize=8)
+        target = out / _output_name(start_index + i, str(paths[i]))
         fig.savefig(target, format="png", bbox_inches="tight")
         written.append(target)
     return written
