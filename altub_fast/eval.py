@@ -25,10 +25,21 @@ from typing import Dict, List, Optional
 DEFAULT_MVTEC_ROOT = "./data/mvtec"
 SYNTHETIC_CATEGORY = "carpet_synthetic"
 EXIT_USAGE = 2
+DEFAULT_MAX_EPOCHS = 100
+SYNTHETIC_MAX_EPOCHS = 30
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("ALTUB_FAST_CACHE", Path.home() / ".cache" / "altub_fast"))
+
+
+def _epochs(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--epochs takes a number or 'auto', not {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-score", default=None, help="image score from the map: max, topk or topk:F "
                    "(mean of the top fraction F of pixels) (default: the model's)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None, help="default 100 (10 with --synthetic)")
+    t.add_argument("--epochs", type=_epochs, default="auto",
+                   help="a number, or auto (default): stop when the held-out NLL has not improved for --patience "
+                        "epochs, after at least --min-epochs and at most --max-epochs")
+    t.add_argument("--max-epochs", type=int, default=None,
+                   help=f"with --epochs auto (default {DEFAULT_MAX_EPOCHS}; {SYNTHETIC_MAX_EPOCHS} with --synthetic)")
+    t.add_argument("--min-epochs", type=int, default=5, help="with --epochs auto (default 5)")
+    t.add_argument("--patience", type=int, default=5, help="with --epochs auto (default 5)")
     t.add_argument("--batch-size", type=int, default=None, help="default 32 (FastFlow) / fiber batch 256 (CFLOW-AD)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
@@ -149,7 +166,8 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         model = build_model(args.model, args.backbone, pretrained=not args.no_pretrained, weights=args.weights,
                             altub=not args.no_altub, image_size=args.image_size, **kw)
         ckpt_dir = out_dir / "checkpoints" / label
-        opts = dict(epochs=args.epochs, seed=args.seed, device=device, checkpoint_dir=str(ckpt_dir),
+        opts = dict(epochs=args.epochs, max_epochs=args.max_epochs, min_epochs=args.min_epochs,
+                    patience=args.patience, seed=args.seed, device=device, checkpoint_dir=str(ckpt_dir),
                     progress=not args.quiet, amp=args.amp, log_jsonl=str(out_dir / f"train_log_{label}.jsonl"))
         if args.batch_size:
             opts["batch_size"] = args.batch_size
@@ -166,18 +184,36 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         history = trainer.fit(args.epochs)
         train_s = time.perf_counter() - t0
         trained_images = len(trainer.dataset) * max(0, trainer.epoch - epochs_before)
-    t0 = time.perf_counter()
-    res = predict(model, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
-                  amp=args.amp)
-    infer_s = time.perf_counter() - t0
-    if res["labels"] is None:
-        raise RuntimeError("the test set gave no labels")
-    # a test set without masks (no ground_truth/): image metrics only, pixel metrics None ("n/a")
-    metrics = compute_all(res["maps"], res["masks"], res["labels"], res["scores"])
+    # Only now, training done, is the test set read. Score the chosen checkpoint (best.pt, by the
+    # held-out NLL, when there is one) and, where it differs, the last one too.
+    if args.checkpoint:
+        checkpoints = {"checkpoint": checkpoint_info(args.checkpoint)}
+        chosen, models = "checkpoint", {"checkpoint": model}
+    else:
+        checkpoints, chosen = trained_checkpoints(trainer, ckpt_dir)
+        models = {"last": model}
+        if chosen == "best":
+            models["best"] = load_model(checkpoints["best"]["path"], device=device)
+    scored = {}
+    for name, m in models.items():
+        t0 = time.perf_counter()
+        res = predict(m, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
+                      amp=args.amp)
+        infer_s = time.perf_counter() - t0
+        if res["labels"] is None:
+            raise RuntimeError("the test set gave no labels")
+        # a test set without masks (no ground_truth/): image metrics only, pixel metrics None ("n/a")
+        metrics = compute_all(res["maps"], res["masks"], res["labels"], res["scores"])
+        scored[name] = (res, {k: None if v is None else float(v) for k, v in metrics.items()}, infer_s)
+        checkpoints[name]["metrics"] = scored[name][1]
+    if "best" in checkpoints and "best" not in scored:     # the same epoch as last.pt: the same scores
+        checkpoints["best"]["metrics"] = checkpoints["last"]["metrics"]
+    res, metrics, infer_s = scored[chosen]
+    model = models[chosen]
     backbone = model.backbone
     record = {
         "label": label,
-        "metrics": {k: None if v is None else float(v) for k, v in metrics.items()},
+        "metrics": metrics,   # of the chosen checkpoint
         "pixel_metrics_available": res["masks"] is not None,
         # end to end, feature extraction (and the first read of the images) included
         "train_seconds": train_s,
@@ -193,7 +229,12 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         "block": block if args.model == "fastflow" else "altub",
         "altub": bool(getattr(model, "altub", False)),
         "epochs": args.epochs if not args.checkpoint else None,
-        "checkpoint": args.checkpoint or str(out_dir / "checkpoints" / label / "last.pt"),
+        "epochs_trained": len(history) if not args.checkpoint else None,
+        "stopped": trainer.stop_reason if not args.checkpoint else None,
+        # which epoch each checkpoint holds, why, and its test metrics; "chosen" was picked without labels
+        "chosen_checkpoint": chosen,
+        "checkpoints": checkpoints,
+        "checkpoint": checkpoints[chosen]["path"],
         "final_epoch_log": history[-1] if history else None,
         # per epoch, nats per dimension: the held-out images' mean NLL and a fixed training subset's
         "nll_curve": [{"epoch": h["epoch"], "train_nll": h.get("train_nll"), "heldout_nll": h.get("heldout_nll")}
@@ -204,6 +245,32 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     }
     record["_predictions"] = res
     return record
+
+
+def checkpoint_info(path) -> dict:
+    """What a checkpoint file says about itself: kind, epoch, why it was chosen."""
+    from .train import load_checkpoint_file
+
+    ck = load_checkpoint_file(str(path))
+    sel = ck.get("selection") or {}
+    kind = ck.get("kind", "last")
+    entry = sel.get(kind) or {}
+    return {"path": str(path), "kind": kind, "epoch": int(ck["epoch"]), "heldout_nll": entry.get("heldout_nll"),
+            "why": entry.get("why")}
+
+
+def trained_checkpoints(trainer, ckpt_dir: Path):
+    """({"best": ..., "last": ...}, the chosen one's name) after training: best.pt where the run had
+    held-out images (chosen), else last.pt."""
+    sel = trainer.selection()
+    out = {"last": dict(sel["last"], path=str(ckpt_dir / "last.pt"))}
+    best_path = ckpt_dir / "best.pt"
+    if sel["best"] is not None and best_path.is_file():
+        out["best"] = dict(sel["best"], path=str(best_path))
+        if out["best"]["epoch"] != out["last"]["epoch"]:
+            return out, "best"
+        out["best"]["why"] += "; the same epoch as last.pt"
+    return out, "last"
 
 
 def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
@@ -232,8 +299,38 @@ def write_pngs(record: dict, test_ds, out_dir: Path, n: int) -> List[str]:
     return written
 
 
+def epochs_text(args) -> str:
+    if args.epochs != "auto":
+        return f"{args.epochs} epochs"
+    return (f"epochs auto (held-out NLL, patience {args.patience}, {args.min_epochs}-{args.max_epochs} epochs)")
+
+
+def _checkpoint_text(r: dict) -> str:
+    c = r["checkpoints"][r["chosen_checkpoint"]]
+    of = f" of {r['epochs_trained']}" if r.get("epochs_trained") else ""
+    return f"{r['chosen_checkpoint']} (epoch {c['epoch']}{of})"
+
+
+def format_checkpoints(records: List[dict]) -> str:
+    """One line per checkpoint of each run: its epoch, why it is there, its test metrics."""
+    def m(v):
+        return "n/a" if v is None else f"{v:.4f}"
+    lines = []
+    for r in records:
+        if r.get("stopped"):
+            lines.append(f"[{r['label']}] {r['epochs_trained']} epochs: {r['stopped']}")
+        for name, c in r["checkpoints"].items():
+            mark = " (scored above)" if name == r["chosen_checkpoint"] else ""
+            met = c.get("metrics") or {}
+            lines.append(f"[{r['label']}] {name}{mark}: epoch {c['epoch']}, {c.get('why') or ''}; image AUROC "
+                         f"{m(met.get('image_auroc'))}, pixel AUROC {m(met.get('pixel_auroc'))}, "
+                         f"AUPRO {m(met.get('aupro'))}")
+    return "\n".join(lines)
+
+
 def format_table(records: List[dict]) -> str:
-    rows = [("", *[r["label"] for r in records])]
+    rows = [("", *[r["label"] for r in records]),
+            ("checkpoint scored", *[_checkpoint_text(r) for r in records])]
 
     def fmt(v, spec, missing="-"):
         return missing if v is None else format(v, spec)
@@ -241,6 +338,8 @@ def format_table(records: List[dict]) -> str:
         ("image AUROC", *[fmt(r["metrics"]["image_auroc"], ".4f") for r in records]),
         ("pixel AUROC", *[fmt(r["metrics"]["pixel_auroc"], ".4f", "n/a (no masks)") for r in records]),
         ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f", "n/a (no masks)") for r in records]),
+        ("held-out NLL (nats/dim)", *[fmt(r["checkpoints"][r["chosen_checkpoint"]].get("heldout_nll"), ".4f")
+                                      for r in records]),
         ("train images/s (epochs)", *[fmt(r["train_images_per_s"], ".1f") for r in records]),
         ("inference images/s", *[fmt(r["inference_images_per_s"], ".1f") for r in records]),
         ("backbone", *[r["backbone"] for r in records]),
@@ -258,10 +357,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.synthetic and args.download:
         return _fail("--synthetic and --download exclude each other")
-    if args.epochs is None:
-        args.epochs = 10 if args.synthetic else 100
-    if args.epochs < 1:
-        return _fail(f"--epochs must be at least 1, got {args.epochs}")
+    if args.max_epochs is None:
+        args.max_epochs = SYNTHETIC_MAX_EPOCHS if args.synthetic else DEFAULT_MAX_EPOCHS
+    if args.epochs != "auto" and args.epochs < 1:
+        return _fail(f"--epochs must be at least 1 or auto, got {args.epochs}")
+    if not 1 <= args.max_epochs or not 0 <= args.min_epochs <= args.max_epochs or args.patience < 1:
+        return _fail(f"need --max-epochs >= 1, 0 <= --min-epochs <= --max-epochs and --patience >= 1 (got "
+                     f"{args.max_epochs}, {args.min_epochs}, {args.patience})")
     if not 0.0 <= args.heldout_fraction < 1.0:
         return _fail(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     if args.image_size < 32:
@@ -310,6 +412,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DatasetError as e:
         return _fail(str(e))
 
+    if args.epochs == "auto" and not args.checkpoint and heldout_ds is None and args.heldout_fraction == 0:
+        return _fail("--epochs auto stops on the held-out NLL: it needs held-out images (--heldout-fraction > 0, "
+                     "or <category>/validation/good); or give --epochs N")
     out_dir = Path(args.out or Path("runs") / f"{args.category}-{args.model}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [("altub_fast", args.impl, "altub")]
@@ -325,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     held = (f"{len(heldout_ds)} held-out from validation/good" if heldout_ds is not None
             else f"held-out fraction {args.heldout_fraction:g} of train/good")
     print(f"altub_fast eval: {args.model} on {root / args.category} ({len(train_ds)} train/good, {held}, "
-          f"{len(test_ds)} test images at {args.image_size}px), {args.epochs} epochs, seed {args.seed}, "
+          f"{len(test_ds)} test images at {args.image_size}px), {epochs_text(args)}, seed {args.seed}, "
           f"device {device}")
     records = []
     try:
@@ -357,6 +462,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.replace(tmp, out_dir / "results.json")
     print()
     print(table)
+    print()
+    print(format_checkpoints(records))
     print(f"\nwrote {out_dir / 'results.json'}, ROC curves and overlays under {out_dir}")
     return 0
 

@@ -88,3 +88,25 @@ class PathSet(DictSet):
         item = super().__getitem__(i)
         item["path"] = self.paths[i]
         return item
+
+
+class ScriptedNLL(FastFlow):
+    """A tiny FastFlow whose NLL follows a script: after its e-th epoch of training (counted by its
+    own updates, in a buffer, so that it resumes), ``nll_per_dim`` gives ``script[e - 1]`` for every
+    image (the last value after the script ends). Training itself is real."""
+
+    def __init__(self, script, updates_per_epoch, seed=0):
+        torch.manual_seed(seed)
+        super().__init__(TinyBackbone(), image_size=32, flow_steps=1, hidden_ratio=1.0, altub=False)
+        self.script = [float(v) for v in script]
+        self.updates_per_epoch = int(updates_per_epoch)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def step_loss(self, unit):
+        self.updates += 1
+        return super().step_loss(unit)
+
+    def nll_per_dim(self, x):
+        n = self._as_features(x)[0].shape[0]
+        epoch = int(self.updates) // self.updates_per_epoch
+        return torch.full((n,), self.script[min(max(epoch, 1), len(self.script)) - 1])

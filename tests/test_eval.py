@@ -57,11 +57,13 @@ def test_pngs_written(run):
 
 def test_checkpoint_reload_scores_the_same(run, tmp_path):
     _, out = run
-    ck = out / "checkpoints" / "altub_fast" / "last.pt"
+    first = json.loads((out / "results.json").read_text())["runs"][0]
+    ck = first["checkpoint"]          # the chosen one (best.pt, or last.pt where they are the same epoch)
+    assert ck.endswith(first["chosen_checkpoint"] + ".pt")
     code = cli.main(["--synthetic", "--data-root", str(out.parent / "data"), "--image-size", "64",
                      "--checkpoint", str(ck), "--out", str(tmp_path), "--quiet", "--num-overlays", "0"])
     assert code == 0
-    a = json.loads((out / "results.json").read_text())["runs"][0]["metrics"]
+    a = first["metrics"]
     b = json.loads((tmp_path / "results.json").read_text())["runs"][0]["metrics"]
     for k in a:
         assert abs(a[k] - b[k]) < 1e-6, k
@@ -189,3 +191,50 @@ def test_heldout_split_from_validation_folder_or_fraction(run, tmp_path):
     ck = load_checkpoint_file(str(tmp_path / "o" / "checkpoints" / "altub_fast" / "last.pt"))
     assert [p.split("/")[-3:] for p in ck["heldout"]["heldout_files"]] == [["validation", "good", "000.png"],
                                                                            ["validation", "good", "001.png"]]
+
+
+def test_epochs_auto_chooses_best_without_reading_the_test_set_first(tmp_path, monkeypatch, capsys):
+    from altub_fast.data import MVTecAD
+    from altub_fast.train import AltUBTrainer, load_checkpoint_file
+
+    state = {"training_done": False, "test_reads": 0}
+    real_fit, real_getitem = AltUBTrainer.fit, MVTecAD.__getitem__
+
+    def fit(self, *a, **k):
+        out = real_fit(self, *a, **k)
+        state["training_done"] = True
+        return out
+
+    def getitem(self, i):
+        if self.split == "test":
+            assert state["training_done"], "a test image was read before training ended"
+            state["test_reads"] += 1
+        return real_getitem(self, i)
+    monkeypatch.setattr(AltUBTrainer, "fit", fit)
+    monkeypatch.setattr(MVTecAD, "__getitem__", getitem)
+    code = cli.main(["--synthetic", "--data-root", str(tmp_path / "d"), "--image-size", "64", "--flow-steps", "1",
+                     "--max-epochs", "4", "--min-epochs", "1", "--patience", "1", "--num-overlays", "0",
+                     "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0 and state["test_reads"] > 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    run = res["runs"][0]
+    assert res["epochs"] == "auto" and 1 <= run["epochs_trained"] <= 4 and run["stopped"]
+    cks = run["checkpoints"]
+    assert cks["last"]["epoch"] == run["epochs_trained"] and "last epoch trained" in cks["last"]["why"]
+    nll = [p["heldout_nll"] for p in run["nll_curve"]]
+    assert cks["best"]["epoch"] == 1 + nll.index(min(nll)) and "lowest held-out NLL" in cks["best"]["why"]
+    for name in ("best", "last"):
+        assert load_checkpoint_file(cks[name]["path"])["epoch"] == cks[name]["epoch"]
+        assert 0.0 <= cks[name]["metrics"]["image_auroc"] <= 1.0
+    chosen = "best" if cks["best"]["epoch"] != cks["last"]["epoch"] else "last"
+    assert run["chosen_checkpoint"] == chosen and run["metrics"] == cks[chosen]["metrics"]
+    text = capsys.readouterr().out
+    assert "checkpoint scored" in text and "held-out NLL (nats/dim)" in text and "best" in text
+
+
+def test_epochs_auto_needs_heldout_images(tmp_path, capsys):
+    assert cli.main(["--synthetic", "--data-root", str(tmp_path / "d"), "--heldout-fraction", "0",
+                     "--image-size", "64", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "held-out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--synthetic", "--epochs", "soon"])

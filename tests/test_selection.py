@@ -1,6 +1,7 @@
 """Label-free training choices: per-epoch NLL (nats/dim), best.pt, epochs='auto', calibration and
 the threshold stored in the checkpoint."""
 import json
+import os
 
 import pytest
 import torch
@@ -54,3 +55,105 @@ def test_heldout_needs_a_model_with_nll_per_dim():
     # without a held-out split the model is not asked for it
     tr = AltUBTrainer(m, PathSet(make_images(8)), epochs=1, **OPTS)
     assert tr.fit()[0]["heldout_nll"] is None and tr.history[0]["train_nll"] is None
+
+
+# ----------------------------------------------------------------------------- best.pt and epochs="auto"
+from altub_fast.train import load_checkpoint_file  # noqa: E402
+from _train_helpers import ScriptedNLL  # noqa: E402
+
+AUTO = dict(OPTS, epochs="auto", heldout_fraction=0.25, min_epochs=2, patience=3, max_epochs=20)
+
+
+def _scripted(script):
+    return ScriptedNLL(script, updates_per_epoch=2)   # 12 training images, batch 8
+
+
+def test_auto_stops_when_heldout_nll_rises(tmp_path):
+    script = [5.0, 4.0, 3.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    tr = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path),
+                      keep_all_checkpoints=True, **AUTO)
+    hist = tr.fit()
+    assert [r["heldout_nll"] for r in hist] == script[:7]          # epochs 5, 6, 7 do not improve on 4
+    assert "patience 3" in tr.stop_reason and "epoch 4" in tr.stop_reason
+    best, last = load_checkpoint_file(str(tmp_path / "best.pt")), load_checkpoint_file(str(tmp_path / "last.pt"))
+    assert (best["kind"], best["epoch"], last["kind"], last["epoch"]) == ("best", 4, "last", 7)
+    # best.pt holds the model of epoch 4 exactly
+    at4 = load_checkpoint_file(str(tmp_path / "epoch_0004.pt"))
+    for k, v in at4["model"].items():
+        assert torch.equal(v, best["model"][k]), k
+    sel = last["selection"]
+    assert sel["best"]["epoch"] == 4 and sel["best"]["heldout_nll"] == 2.0 and "lowest held-out NLL" in sel["best"]["why"]
+    assert sel["last"]["epoch"] == 7 and sel["stopped"] == tr.stop_reason
+
+
+def test_auto_keeps_going_while_heldout_nll_falls(tmp_path):
+    script = [10.0 - i for i in range(10)]
+    tr = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path),
+                      **dict(AUTO, max_epochs=8))
+    assert len(tr.fit()) == 8 and tr.stop_reason == "reached max_epochs=8"
+    assert load_checkpoint_file(str(tmp_path / "best.pt"))["epoch"] == 8
+
+
+def test_auto_trains_at_least_min_epochs():
+    tr = AltUBTrainer(_scripted([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]), PathSet(make_images(16)),
+                      **dict(AUTO, min_epochs=6, patience=2))
+    assert len(tr.fit()) == 6 and tr.history[-1]["best_epoch"] == 1
+
+
+def test_auto_resumes_to_the_same_decision(tmp_path):
+    script = [5.0, 4.0, 3.0, 3.5, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9]
+    a = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path / "a"), **AUTO)
+    a.fit()
+    b = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path / "b"), **AUTO)
+    b.fit(3)                                                          # ... and "crash"
+    c = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path / "b"), **AUTO)
+    c.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    c.fit()
+    assert len(c.history) == len(a.history) == 8 and c.stop_reason == a.stop_reason
+    assert load_checkpoint_file(str(tmp_path / "b" / "best.pt"))["epoch"] == 5
+
+
+def test_auto_needs_heldout_images():
+    tr = AltUBTrainer(fastflow(), PathSet(make_images(8)), **dict(AUTO, heldout_fraction=0.0))
+    with pytest.raises(ValueError, match="held-out"):
+        tr.fit()
+    with pytest.raises(ValueError, match="'auto'"):
+        AltUBTrainer(fastflow(), PathSet(make_images(8)), epochs="forever", **OPTS)
+
+
+def test_best_pt_is_the_lowest_heldout_nll_of_a_real_run(tmp_path):
+    data = PathSet(make_images(20))
+    tr = AltUBTrainer(fastflow(), data, epochs=4, heldout_fraction=0.25, checkpoint_dir=str(tmp_path), lr=3e-3,
+                      **OPTS)
+    hist = tr.fit()
+    nll = [r["heldout_nll"] for r in hist]
+    best = load_checkpoint_file(str(tmp_path / "best.pt"))
+    assert best["epoch"] == 1 + nll.index(min(nll)) and best["kind"] == "best"
+    model = fastflow(seed=9)                      # the tiny backbone is fixed; the rest comes from best.pt
+    model.load_state_dict(best["model"], strict=False)
+    again = model.nll_per_dim(_features(model, data, tr.split.heldout_indices)).double().mean()
+    assert float(again) == pytest.approx(min(nll), rel=1e-6)
+
+
+def test_best_pt_is_written_atomically(tmp_path, monkeypatch):
+    import altub_fast.train.checkpoint as checkpoint
+
+    script = [3.0, 2.0, 1.0]
+    tr = AltUBTrainer(_scripted(script), PathSet(make_images(16)), checkpoint_dir=str(tmp_path), **AUTO)
+    tr.fit(1)
+    before = (tmp_path / "best.pt").read_bytes()
+    real_save = torch.save
+
+    def crash_midway(obj, f, *a, **k):          # best.pt: half a file, then the process "dies"
+        real_save(obj, f, *a, **k)
+        if os.path.basename(str(getattr(f, "name", ""))).startswith(".best.pt"):
+            f.truncate(100)
+            raise OSError("disk full (simulated)")
+    monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        tr.fit(2)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (tmp_path / "best.pt").read_bytes() == before          # the old complete file
+    assert load_checkpoint_file(str(tmp_path / "best.pt"))["epoch"] == 1
+    assert load_checkpoint_file(str(tmp_path / "last.pt"))["epoch"] == 2     # written before best.pt was due
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]   # no temporary file left

@@ -52,7 +52,7 @@ _SCHEDULE_ALIASES = {"k": "k", "r": "r", "warmup": "warmup", "unit": "unit", "ba
 class TrainConfig:
     """Trainer options (all can also be given to :class:`AltUBTrainer` as keywords; the schedule's
     as k, r, warmup, unit, base_optimizer, base_lr, base_clip_value)."""
-    epochs: int = 500
+    epochs: Union[int, str] = 500             # or "auto": early stopping on the held-out NLL (stopping.py)
     batch_size: Optional[int] = None          # None: the DataLoader's, or 32
     lr: Optional[float] = None                # None: the model's (FastFlow 1e-3, CFlow 2e-4)
     weight_decay: Optional[float] = None      # None: the model's (FastFlow 1e-5, CFlow 0)
@@ -82,7 +82,13 @@ class TrainConfig:
     # per epoch: held-out NLL and training NLL (on this many training images), nats per dimension,
     # from model.nll_per_dim (validation.py)
     evaluate_nll: bool = True
-    train_nll_images: int = 64
+    train_nll_images: int = 16
+    # epochs="auto": at least min_epochs, at most max_epochs; stop when the held-out NLL has not
+    # improved by more than min_delta (nats/dim) for patience epochs. best.pt is written either way.
+    min_epochs: int = 5
+    max_epochs: int = 200
+    patience: int = 5
+    min_delta: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.schedule, dict):
@@ -91,6 +97,18 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if isinstance(self.epochs, str):
+            if self.epochs != "auto":
+                raise ValueError(f"epochs must be a number or 'auto', got {self.epochs!r}")
+        elif int(self.epochs) < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if not 0 <= self.min_epochs <= self.max_epochs or self.max_epochs < 1:
+            raise ValueError(f"need 0 <= min_epochs <= max_epochs and max_epochs >= 1, got min_epochs="
+                             f"{self.min_epochs}, max_epochs={self.max_epochs}")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 

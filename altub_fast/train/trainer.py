@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from .distributed import StepModule, all_true, broadcast_floats, setup_distribut
 from .heldout import HeldoutSplit, check_same_data, make_split
 from .schedule import TrainConfig, make_config
 from .stats import ZStats, format_record, progress_text, scale_stats
+from .stopping import best_epoch, stop_reason
 from .validation import fixed_subset, mean_nll, require_nll
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class AltUBTrainer:
         self.skipped_updates = 0
         self.history: List[dict] = []
         self.last_checkpoint: Optional[str] = None
+        self.best_checkpoint: Optional[str] = None
+        self.stop_reason: Optional[str] = None
         self._cache: Optional[List[Tensor]] = None
         self.cache_seconds: Optional[float] = None
         self._heldout_cache: Optional[List[Tensor]] = None
@@ -317,15 +320,26 @@ class AltUBTrainer:
                                  f"updated; {kept}. on_nonfinite='skip' skips such updates instead.")
 
     # ------------------------------------------------------------------ epochs
-    def fit(self, epochs: Optional[int] = None) -> List[dict]:
-        """Train until ``epochs`` epochs are complete (default: config.epochs); returns the history."""
-        target = int(epochs if epochs is not None else self.config.epochs)
-        if self.config.cache_features and self._cache is None and self.epoch < target:
+    def fit(self, epochs: Union[int, str, None] = None) -> List[dict]:
+        """Train until ``epochs`` epochs are complete (default: config.epochs), or with ``"auto"``
+        until the held-out NLL stops improving (see stopping.py; needs held-out images); returns the
+        history. With a checkpoint_dir, ``last.pt`` is written every checkpoint_every epochs and at
+        the end, and ``best.pt`` whenever the held-out NLL reaches a new lowest value."""
+        cfg = self.config
+        spec = epochs if epochs is not None else cfg.epochs
+        auto = spec == "auto"
+        if auto and (self.heldout_dataset is None or not self.nll_enabled):
+            raise ValueError("epochs='auto' stops on the held-out NLL: give held-out images (heldout= or "
+                             "heldout_fraction > 0) and a model with nll_per_dim")
+        target = cfg.max_epochs if auto else int(spec)
+        self.stop_reason = self._stop_reason(auto, target)
+        if self.stop_reason is not None:
+            return self.history
+        if cfg.cache_features and self._cache is None:
             self.build_cache()
-        if (self.config.cache_features and self.nll_enabled and self.heldout_dataset is not None
-                and self._heldout_cache is None and self.epoch < target):
+        if cfg.cache_features and self.nll_enabled and self.heldout_dataset is not None and self._heldout_cache is None:
             self.build_heldout_cache()
-        jsonl = self.config.log_jsonl
+        jsonl = cfg.log_jsonl
         if jsonl and self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
         bar = self._progress(total=target, initial=self.epoch, desc="training", unit="epoch")
@@ -336,6 +350,9 @@ class AltUBTrainer:
             record["nll_time_s"] = time.perf_counter() - t0
             self.epoch = epoch + 1
             self.history.append(record)
+            best = best_epoch(self.history)
+            record["best_epoch"] = best[0] if best else None
+            self.stop_reason = self._stop_reason(auto, target)
             bar.update(1)
             bar.set_postfix_str(progress_text(record))
             if self.is_main:
@@ -343,10 +360,39 @@ class AltUBTrainer:
                 if jsonl:
                     with open(jsonl, "a") as f:
                         f.write(json.dumps(record) + "\n")
-            if self.config.checkpoint_dir and (self.epoch % self.config.checkpoint_every == 0 or self.epoch == target):
-                self.save_checkpoint()
+            if cfg.checkpoint_dir:
+                if self.epoch % cfg.checkpoint_every == 0 or self.stop_reason is not None:
+                    self.save_checkpoint()
+                if best is not None and best[0] == self.epoch:
+                    self.save_checkpoint(kind="best")
+            if self.stop_reason is not None:
+                break
         bar.close()
+        if self.is_main and self.stop_reason:
+            logger.info("training stopped after epoch %d: %s", self.epoch, self.stop_reason)
         return self.history
+
+    def _stop_reason(self, auto: bool, target: int) -> Optional[str]:
+        if not auto:
+            return f"reached epochs={target}" if self.epoch >= target else None
+        cfg = self.config
+        return stop_reason(self.history, patience=cfg.patience, min_epochs=cfg.min_epochs, max_epochs=target,
+                           min_delta=cfg.min_delta)
+
+    def selection(self) -> dict:
+        """Which epoch each checkpoint holds and why: {"best": {...} or None, "last": {...},
+        "stopped": why training stopped (None while it runs)}."""
+        best = best_epoch(self.history)
+        last_nll = self.history[-1].get("heldout_nll") if self.history else None
+        return {
+            "criterion": "lowest held-out NLL (nats per dimension); no label is used",
+            "best": None if best is None else {
+                "epoch": best[0], "heldout_nll": best[1],
+                "why": f"lowest held-out NLL ({best[1]:.5g} nats/dim) of epochs 1-{self.epoch}"},
+            "last": {"epoch": self.epoch, "heldout_nll": last_nll,
+                     "why": f"the last epoch trained ({self.stop_reason or 'training not finished'})"},
+            "stopped": self.stop_reason,
+        }
 
     def train_epoch(self, epoch: int, total_epochs: Optional[int] = None) -> dict:
         cfg = self.config
@@ -435,15 +481,19 @@ class AltUBTrainer:
             "rng": rng_state(),
             "world_size": self.world_size,
             "heldout": self.split.to_dict(),
+            "selection": self.selection(),
         }
 
-    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
-        """Write a checkpoint atomically (rank 0 only): ``<checkpoint_dir>/last.pt`` by default.
-        Refuses (keeping the previous file) if any trainable parameter is non-finite."""
+    def save_checkpoint(self, path: Optional[str] = None, kind: str = "last") -> Optional[str]:
+        """Write a checkpoint atomically (rank 0 only): ``<checkpoint_dir>/<kind>.pt`` by default
+        (``kind`` "last" or "best", recorded in the file). Refuses (keeping the previous file) if
+        any trainable parameter is non-finite."""
+        if kind not in ("last", "best"):
+            raise ValueError(f"kind must be 'last' or 'best', got {kind!r}")
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no path given and no checkpoint_dir configured")
-            path = os.path.join(self.config.checkpoint_dir, "last.pt")
+            path = os.path.join(self.config.checkpoint_dir, f"{kind}.pt")
         if not self.is_main:
             return None
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
@@ -452,7 +502,11 @@ class AltUBTrainer:
                          path, bad[:5], self.last_checkpoint)
             return None
         state = self.state_dict()
+        state["kind"] = kind
         atomic_save(state, path)
+        if kind == "best":
+            self.best_checkpoint = os.path.abspath(path)
+            return self.best_checkpoint
         if self.config.keep_all_checkpoints:
             atomic_save(state, os.path.join(os.path.dirname(path), f"epoch_{self.epoch:04d}.pt"))
         self.last_checkpoint = os.path.abspath(path)
