@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --epochs auto (default {DEFAULT_MAX_EPOCHS}; {SYNTHETIC_MAX_EPOCHS} with --synthetic)")
     t.add_argument("--min-epochs", type=int, default=5, help="with --epochs auto (default 5)")
     t.add_argument("--patience", type=int, default=5, help="with --epochs auto (default 5)")
+    t.add_argument("--max-fpr", type=float, default=0.01,
+                   help="false-alarm rate of the label-free threshold set at the end of training from the held-out "
+                        "normal images' scores (default 0.01); eval reports precision / recall / F1 at it")
     t.add_argument("--batch-size", type=int, default=None, help="default 32 (FastFlow) / fiber batch 256 (CFLOW-AD)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
@@ -141,7 +144,7 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
             out_dir: Path, heldout_ds=None) -> dict:
     """Train (or load) one model and score the test set; returns the result record."""
     from . import functional
-    from .metrics import compute_all
+    from .metrics import compute_all, f1_optimal_threshold, precision_recall_f1
     from .models import build_model
     from .train import AltUBTrainer, load_model, predict
 
@@ -167,7 +170,7 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
                             altub=not args.no_altub, image_size=args.image_size, **kw)
         ckpt_dir = out_dir / "checkpoints" / label
         opts = dict(epochs=args.epochs, max_epochs=args.max_epochs, min_epochs=args.min_epochs,
-                    patience=args.patience, seed=args.seed, device=device, checkpoint_dir=str(ckpt_dir),
+                    patience=args.patience, max_fpr=args.max_fpr, seed=args.seed, device=device, checkpoint_dir=str(ckpt_dir),
                     progress=not args.quiet, amp=args.amp, log_jsonl=str(out_dir / f"train_log_{label}.jsonl"))
         if args.batch_size:
             opts["batch_size"] = args.batch_size
@@ -205,9 +208,18 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         # a test set without masks (no ground_truth/): image metrics only, pixel metrics None ("n/a")
         metrics = compute_all(res["maps"], res["masks"], res["labels"], res["scores"])
         scored[name] = (res, {k: None if v is None else float(v) for k, v in metrics.items()}, infer_s)
-        checkpoints[name]["metrics"] = scored[name][1]
+        c = checkpoints[name]
+        c["metrics"] = scored[name][1]
+        c["threshold"] = threshold_for(c.pop("_threshold", None), args.max_fpr)
+        # image decisions on the test set: at the label-free threshold, and at the best one in hindsight
+        c["at_threshold"] = (precision_recall_f1(res["scores"], res["labels"], c["threshold"]["value"])
+                             if c["threshold"] else None)
+        c["f1_optimal_chosen_on_the_test_set"] = (f1_optimal_threshold(res["scores"], res["labels"])
+                                                  if bool((res["labels"] == 1).any()) else None)
     if "best" in checkpoints and "best" not in scored:     # the same epoch as last.pt: the same scores
-        checkpoints["best"]["metrics"] = checkpoints["last"]["metrics"]
+        for key in ("metrics", "threshold", "at_threshold", "f1_optimal_chosen_on_the_test_set"):
+            checkpoints["best"][key] = checkpoints["last"][key]
+        checkpoints["best"].pop("_threshold", None)
     res, metrics, infer_s = scored[chosen]
     model = models[chosen]
     backbone = model.backbone
@@ -235,6 +247,9 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         "chosen_checkpoint": chosen,
         "checkpoints": checkpoints,
         "checkpoint": checkpoints[chosen]["path"],
+        "threshold": checkpoints[chosen]["threshold"],
+        "at_threshold": checkpoints[chosen]["at_threshold"],
+        "f1_optimal_chosen_on_the_test_set": checkpoints[chosen]["f1_optimal_chosen_on_the_test_set"],
         "final_epoch_log": history[-1] if history else None,
         # per epoch, nats per dimension: the held-out images' mean NLL and a fixed training subset's
         "nll_curve": [{"epoch": h["epoch"], "train_nll": h.get("train_nll"), "heldout_nll": h.get("heldout_nll")}
@@ -256,17 +271,35 @@ def checkpoint_info(path) -> dict:
     kind = ck.get("kind", "last")
     entry = sel.get(kind) or {}
     return {"path": str(path), "kind": kind, "epoch": int(ck["epoch"]), "heldout_nll": entry.get("heldout_nll"),
-            "why": entry.get("why")}
+            "why": entry.get("why"), "_threshold": ck.get("threshold")}
+
+
+def threshold_for(stored: Optional[dict], max_fpr: float) -> Optional[dict]:
+    """A checkpoint's threshold for results.json (without the held-out scores); at ``max_fpr``,
+    recomputed from the stored held-out scores where the checkpoint's was set at another rate."""
+    from .metrics import threshold_at_fpr
+
+    if not stored:
+        return None
+    out = {k: v for k, v in stored.items() if k != "heldout_scores"}
+    if stored.get("heldout_scores") and abs(float(stored["max_fpr"]) - max_fpr) > 1e-12:
+        out.update(value=threshold_at_fpr(stored["heldout_scores"], max_fpr), max_fpr=max_fpr,
+                   note=f"recomputed at --max-fpr {max_fpr:g} from the checkpoint's held-out scores "
+                        f"(stored at {stored['max_fpr']:g})")
+    return out
 
 
 def trained_checkpoints(trainer, ckpt_dir: Path):
     """({"best": ..., "last": ...}, the chosen one's name) after training: best.pt where the run had
     held-out images (chosen), else last.pt."""
+    from .train import load_checkpoint_file
+
     sel = trainer.selection()
-    out = {"last": dict(sel["last"], path=str(ckpt_dir / "last.pt"))}
+    out = {"last": dict(sel["last"], path=str(ckpt_dir / "last.pt"), _threshold=trainer.threshold)}
     best_path = ckpt_dir / "best.pt"
     if sel["best"] is not None and best_path.is_file():
-        out["best"] = dict(sel["best"], path=str(best_path))
+        out["best"] = dict(sel["best"], path=str(best_path),
+                           _threshold=load_checkpoint_file(str(best_path)).get("threshold"))
         if out["best"]["epoch"] != out["last"]["epoch"]:
             return out, "best"
         out["best"]["why"] += "; the same epoch as last.pt"
@@ -328,6 +361,19 @@ def format_checkpoints(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _threshold_text(t: Optional[dict]) -> str:
+    if not t:
+        return "- (no held-out images)"
+    return f"{t['value']:.4g} at max FPR {t['max_fpr']:g} ({t['n_heldout']} held-out images, {t['score_mode']})"
+
+
+def _prf_text(r: Optional[dict], with_threshold: bool = False) -> str:
+    if not r:
+        return "-"
+    text = f"{r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}"
+    return text + (f" at {r['threshold']:.4g}" if with_threshold else "")
+
+
 def format_table(records: List[dict]) -> str:
     rows = [("", *[r["label"] for r in records]),
             ("checkpoint scored", *[_checkpoint_text(r) for r in records])]
@@ -340,6 +386,10 @@ def format_table(records: List[dict]) -> str:
         ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f", "n/a (no masks)") for r in records]),
         ("held-out NLL (nats/dim)", *[fmt(r["checkpoints"][r["chosen_checkpoint"]].get("heldout_nll"), ".4f")
                                       for r in records]),
+        ("threshold (label-free)", *[_threshold_text(r["threshold"]) for r in records]),
+        ("precision / recall / F1 there", *[_prf_text(r["at_threshold"]) for r in records]),
+        ("F1-optimal (chosen on the test set)", *[_prf_text(r["f1_optimal_chosen_on_the_test_set"], True)
+                                                  for r in records]),
         ("train images/s (epochs)", *[fmt(r["train_images_per_s"], ".1f") for r in records]),
         ("inference images/s", *[fmt(r["inference_images_per_s"], ".1f") for r in records]),
         ("backbone", *[r["backbone"] for r in records]),
@@ -364,6 +414,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 1 <= args.max_epochs or not 0 <= args.min_epochs <= args.max_epochs or args.patience < 1:
         return _fail(f"need --max-epochs >= 1, 0 <= --min-epochs <= --max-epochs and --patience >= 1 (got "
                      f"{args.max_epochs}, {args.min_epochs}, {args.patience})")
+    if not 0.0 <= args.max_fpr < 1.0:
+        return _fail(f"--max-fpr must be in [0, 1), got {args.max_fpr}")
     if not 0.0 <= args.heldout_fraction < 1.0:
         return _fail(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     if args.image_size < 32:

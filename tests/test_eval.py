@@ -228,8 +228,31 @@ def test_epochs_auto_chooses_best_without_reading_the_test_set_first(tmp_path, m
         assert 0.0 <= cks[name]["metrics"]["image_auroc"] <= 1.0
     chosen = "best" if cks["best"]["epoch"] != cks["last"]["epoch"] else "last"
     assert run["chosen_checkpoint"] == chosen and run["metrics"] == cks[chosen]["metrics"]
+    # the label-free threshold of each checkpoint, from its held-out scores, and the test-set decisions
+    from altub_fast.metrics import threshold_at_fpr
+
+    for name in ("best", "last"):
+        thr, stored = cks[name]["threshold"], load_checkpoint_file(cks[name]["path"])["threshold"]
+        assert thr["max_fpr"] == 0.01 and thr["n_heldout"] == 6 and "heldout_scores" not in thr
+        assert thr["value"] == stored["value"] == threshold_at_fpr(stored["heldout_scores"], 0.01)
+        assert set(cks[name]["at_threshold"]) >= {"precision", "recall", "f1", "threshold"}
+        assert cks[name]["at_threshold"]["threshold"] == thr["value"]
+        assert cks[name]["f1_optimal_chosen_on_the_test_set"]["f1"] >= cks[name]["at_threshold"]["f1"]
+    assert run["threshold"] == cks[chosen]["threshold"]
     text = capsys.readouterr().out
     assert "checkpoint scored" in text and "held-out NLL (nats/dim)" in text and "best" in text
+    assert "threshold (label-free)" in text and "F1-optimal (chosen on the test set)" in text
+    # reloading the chosen checkpoint at another false-alarm rate: recomputed from its held-out scores
+    code = cli.main(["--synthetic", "--data-root", str(tmp_path / "d"), "--image-size", "64", "--checkpoint",
+                     run["checkpoint"], "--max-fpr", "0.5", "--num-overlays", "0", "--out", str(tmp_path / "r"),
+                     "--quiet"])
+    assert code == 0
+    again = json.loads((tmp_path / "r" / "results.json").read_text())["runs"][0]
+    stored = load_checkpoint_file(run["checkpoint"])["threshold"]
+    assert again["threshold"]["value"] == threshold_at_fpr(stored["heldout_scores"], 0.5)
+    assert "recomputed" in again["threshold"]["note"]
+    assert again["metrics"] == run["metrics"]
+    assert again["at_threshold"]["threshold"] == again["threshold"]["value"]
 
 
 def test_epochs_auto_needs_heldout_images(tmp_path, capsys):

@@ -10,7 +10,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from altub_fast.metrics import aupro, compute_all, image_auroc, pixel_auroc, pixel_auroc_with_bound
+from altub_fast.metrics import (aupro, compute_all, f1_optimal_threshold, image_auroc, pixel_auroc,
+                                pixel_auroc_with_bound, precision_recall_f1, threshold_at_fpr)
 from altub_fast.viz import save_overlays, save_roc_curves
 
 
@@ -219,6 +220,69 @@ def test_compute_all_without_masks_gives_image_metrics_only() -> None:
     out = compute_all(maps, None, labels, scores)
     assert out["pixel_auroc"] is None and out["aupro"] is None
     assert out["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# thresholds and image decisions
+
+def test_threshold_at_fpr_by_hand() -> None:
+    scores = [0.3, 0.1, 0.9, 0.5, 0.7, 0.2, 0.4, 0.8, 0.6, 1.0]     # 0.1 ... 1.0
+    assert threshold_at_fpr(scores, 0.1) == 0.9          # 9th smallest: one score (1.0) above it
+    assert threshold_at_fpr(scores, 0.3) == 0.7          # three above
+    assert threshold_at_fpr(scores, 0.25) == 0.8         # ceil(7.5) = 8th: two above (<= 2.5)
+    assert threshold_at_fpr(scores, 0.01) == 1.0         # N < 1 / max_fpr: the maximum, no alarm
+    assert threshold_at_fpr(scores, 0.0) == 1.0
+    assert threshold_at_fpr([2.0], 0.5) == 2.0
+    with pytest.raises(ValueError, match="max_fpr"):
+        threshold_at_fpr(scores, 1.0)
+    with pytest.raises(ValueError, match="empty"):
+        threshold_at_fpr([], 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        threshold_at_fpr([0.1, float("nan")], 0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_threshold_at_fpr_keeps_the_false_alarm_rate(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal(int(rng.integers(20, 400)))
+    scores[:5] = scores[5]                                   # ties too
+    for max_fpr in (0.01, 0.05, 0.1, 0.33):
+        t = threshold_at_fpr(scores, max_fpr)
+        assert (scores > t).sum() <= np.floor(max_fpr * scores.size)
+        assert t in scores and (scores >= t).sum() > np.floor(max_fpr * scores.size)   # the lowest such score
+        assert t == np.quantile(scores, 1 - max_fpr, method="inverted_cdf")
+
+
+def test_precision_recall_f1_by_hand() -> None:
+    scores, labels = [0.1, 0.4, 0.35, 0.8, 0.9], [0, 0, 1, 1, 1]
+    r = precision_recall_f1(scores, labels, 0.38)             # flags 0.4, 0.8, 0.9
+    assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (2, 1, 1, 1)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3) and r["fpr"] == pytest.approx(0.5)
+    none = precision_recall_f1(scores, labels, 5.0)
+    assert none["precision"] == 0.0 and none["recall"] == 0.0 and none["f1"] == 0.0
+    assert precision_recall_f1(scores, labels, 0.8)["tp"] == 1      # strictly above the threshold
+    with pytest.raises(ValueError, match="labels"):
+        precision_recall_f1(scores, [0, 1], 0.5)
+
+
+def test_f1_optimal_threshold_matches_brute_force() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.standard_normal(60) + labels, 1)       # many ties
+    best = f1_optimal_threshold(scores, labels)
+    brute = max(f1_score(labels, scores > t) for t in np.r_[np.unique(scores), scores.min() - 1])
+    assert best["f1"] == pytest.approx(brute)
+    assert best["f1"] == pytest.approx(f1_score(labels, scores > best["threshold"]))
+    # separable: the threshold lies between the classes
+    sep = f1_optimal_threshold([0.1, 0.2, 0.7, 0.9], [0, 0, 1, 1])
+    assert sep["f1"] == 1.0 and 0.2 <= sep["threshold"] < 0.7
+    # flagging everything can be optimal
+    assert f1_optimal_threshold([0.5, 0.1], [1, 1])["recall"] == 1.0
+    with pytest.raises(ValueError, match="no defective"):
+        f1_optimal_threshold([0.1, 0.2], [0, 0])
 
 
 # ---------------------------------------------------------------------------------------------------

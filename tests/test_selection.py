@@ -77,10 +77,11 @@ def test_auto_stops_when_heldout_nll_rises(tmp_path):
     assert "patience 3" in tr.stop_reason and "epoch 4" in tr.stop_reason
     best, last = load_checkpoint_file(str(tmp_path / "best.pt")), load_checkpoint_file(str(tmp_path / "last.pt"))
     assert (best["kind"], best["epoch"], last["kind"], last["epoch"]) == ("best", 4, "last", 7)
-    # best.pt holds the model of epoch 4 exactly
+    # best.pt holds the model of epoch 4 exactly (and, calibrated at the end, its score normalisation)
     at4 = load_checkpoint_file(str(tmp_path / "epoch_0004.pt"))
+    assert at4["model"].keys() == best["model"].keys()
     for k, v in at4["model"].items():
-        assert torch.equal(v, best["model"][k]), k
+        assert k.startswith("scorer.") or torch.equal(v, best["model"][k]), k
     sel = last["selection"]
     assert sel["best"]["epoch"] == 4 and sel["best"]["heldout_nll"] == 2.0 and "lowest held-out NLL" in sel["best"]["why"]
     assert sel["last"]["epoch"] == 7 and sel["stopped"] == tr.stop_reason
@@ -157,3 +158,62 @@ def test_best_pt_is_written_atomically(tmp_path, monkeypatch):
     assert load_checkpoint_file(str(tmp_path / "best.pt"))["epoch"] == 1
     assert load_checkpoint_file(str(tmp_path / "last.pt"))["epoch"] == 2     # written before best.pt was due
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]   # no temporary file left
+
+
+# ----------------------------------------------------------------------------- calibration and threshold
+from altub_fast.metrics import threshold_at_fpr  # noqa: E402
+
+
+def _heldout_scores(model, data, indices):
+    model.eval()
+    return model.anomaly_map(torch.stack([data[i]["image"] for i in indices]))[1].double()
+
+
+def test_threshold_stored_and_correct(tmp_path):
+    data = PathSet(make_images(20))
+    tr = AltUBTrainer(fastflow(), data, epochs=2, heldout_fraction=0.25, max_fpr=0.2, checkpoint_dir=str(tmp_path),
+                      **OPTS)
+    tr.fit()
+    held = tr.split.heldout_indices
+    for name in ("last", "best"):
+        ck = load_checkpoint_file(str(tmp_path / f"{name}.pt"))
+        thr = ck["threshold"]
+        assert set(thr) >= {"value", "max_fpr", "n_heldout", "score_mode"}
+        assert thr["max_fpr"] == 0.2 and thr["n_heldout"] == 5 and thr["score_mode"] == tr.model.score_mode
+        # the checkpoint's model, calibrated, gives the held-out scores the threshold came from
+        model = fastflow(seed=5)
+        model.load_state_dict(ck["model"], strict=False)
+        assert model.calibrated
+        scores = _heldout_scores(model, data, held)
+        torch.testing.assert_close(scores, torch.tensor(thr["heldout_scores"], dtype=torch.float64), rtol=1e-5,
+                                   atol=1e-6)
+        assert thr["value"] == threshold_at_fpr(thr["heldout_scores"], 0.2)
+        assert int((scores > thr["value"] + 1e-6).sum()) <= 1          # at most floor(0.2 * 5) false alarms
+
+
+def test_best_and_last_calibrated_each_on_its_own_model(tmp_path):
+    script = [3.0, 1.0, 2.0, 2.5]
+    data = PathSet(make_images(16))
+    tr = AltUBTrainer(_scripted(script), data, checkpoint_dir=str(tmp_path), **dict(AUTO, patience=2, max_fpr=0.25))
+    tr.fit()
+    best, last = load_checkpoint_file(str(tmp_path / "best.pt")), load_checkpoint_file(str(tmp_path / "last.pt"))
+    assert (best["epoch"], last["epoch"]) == (2, 4)
+    assert best["threshold"]["heldout_scores"] != last["threshold"]["heldout_scores"]
+    assert best["selection"]["stopped"] == tr.stop_reason and best["selection"]["best"]["epoch"] == 2
+    model = _scripted(script)
+    model.load_state_dict(best["model"], strict=False)
+    scores = _heldout_scores(model, data, tr.split.heldout_indices)
+    torch.testing.assert_close(scores, torch.tensor(best["threshold"]["heldout_scores"], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_no_threshold_without_heldout_images_or_before_the_end(tmp_path):
+    tr = AltUBTrainer(fastflow(), PathSet(make_images(8)), epochs=1, checkpoint_dir=str(tmp_path), **OPTS)
+    tr.fit()
+    assert tr.threshold is None and load_checkpoint_file(str(tmp_path / "last.pt"))["threshold"] is None
+    tr = AltUBTrainer(fastflow(), PathSet(make_images(12)), epochs=2, heldout_fraction=0.25, **OPTS)
+    tr.fit()
+    first = tr.threshold
+    assert first is not None
+    tr.fit(3)                                   # training on: calibrated again for the new state
+    assert tr.threshold is not None and tr.threshold["heldout_scores"] != first["heldout_scores"]

@@ -89,6 +89,10 @@ class TrainConfig:
     max_epochs: int = 200
     patience: int = 5
     min_delta: float = 0.0
+    # at the end of training, for last.pt and best.pt: model.calibrate(held-out features) sets the
+    # score normalisation and gives the held-out scores; threshold = their (1 - max_fpr) quantile
+    calibrate: bool = True
+    max_fpr: float = 0.01
 
     def __post_init__(self):
         if isinstance(self.schedule, dict):
@@ -109,6 +113,8 @@ class TrainConfig:
                              f"{self.min_epochs}, max_epochs={self.max_epochs}")
         if self.min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+        if not 0.0 <= self.max_fpr < 1.0:
+            raise ValueError(f"max_fpr must be in [0, 1), got {self.max_fpr}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 

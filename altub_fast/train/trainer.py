@@ -4,9 +4,11 @@ batches.py (which images each update sees), cache.py (the feature cache), stats.
 reports), checkpoint.py (files and resume), distributed.py (DDP)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -19,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..metrics import threshold_at_fpr
 from ..models.backbones import NonFiniteError
 from .batches import dataset_of, epoch_batches, make_loader
 from .cache import autocast, build_feature_cache, cached_batches, check_feature_cache, extracted_batches
@@ -106,6 +109,7 @@ class AltUBTrainer:
         self.last_checkpoint: Optional[str] = None
         self.best_checkpoint: Optional[str] = None
         self.stop_reason: Optional[str] = None
+        self.threshold: Optional[dict] = None   # set by calibrate_checkpoints() for the current model
         self._cache: Optional[List[Tensor]] = None
         self.cache_seconds: Optional[float] = None
         self._heldout_cache: Optional[List[Tensor]] = None
@@ -350,6 +354,7 @@ class AltUBTrainer:
             record["nll_time_s"] = time.perf_counter() - t0
             self.epoch = epoch + 1
             self.history.append(record)
+            self.threshold = None     # calibrated for an earlier state
             best = best_epoch(self.history)
             record["best_epoch"] = best[0] if best else None
             self.stop_reason = self._stop_reason(auto, target)
@@ -370,7 +375,58 @@ class AltUBTrainer:
         bar.close()
         if self.is_main and self.stop_reason:
             logger.info("training stopped after epoch %d: %s", self.epoch, self.stop_reason)
+        if (self.stop_reason is not None and cfg.calibrate and self.heldout_dataset is not None
+                and callable(getattr(self.model, "calibrate", None))):
+            self.calibrate_checkpoints()
         return self.history
+
+    # ------------------------------------------------------------------ calibration
+    def _calibrate(self, model: nn.Module, features: List[List[Tensor]]) -> dict:
+        """``model.calibrate`` on the held-out features, then the threshold at ``max_fpr``."""
+        scores = model.calibrate(features).detach().double().cpu().reshape(-1)
+        if len(scores) != len(self.heldout_dataset):
+            raise RuntimeError(f"calibrate() returned {len(scores)} scores for {len(self.heldout_dataset)} "
+                               f"held-out images")
+        max_fpr = float(self.config.max_fpr)
+        n = len(scores)
+        if max_fpr > 0 and n * max_fpr < 1:
+            logger.warning("%d held-out images: the threshold for max_fpr=%g is their maximum score (a rate of "
+                           "%g needs at least %d images)", n, max_fpr, max_fpr, math.ceil(1 / max_fpr))
+        return {"value": threshold_at_fpr(scores, max_fpr), "max_fpr": max_fpr, "n_heldout": n,
+                "score_mode": str(getattr(model, "score_mode", "unknown")),
+                "image_score": str(getattr(getattr(model, "scorer", None), "image_rule", "unknown")),
+                "decision": "score > value is a defect", "heldout_scores": scores.tolist()}
+
+    def calibrate_checkpoints(self) -> dict:
+        """At the end of training: calibrate the current model (last.pt) and, where it is another
+        epoch, best.pt's, on the held-out normal images; store each model's threshold at
+        ``max_fpr`` in ``ck["threshold"]`` and rewrite the files (atomically). Returns
+        {"last": threshold, "best": threshold or None}."""
+        if self.heldout_dataset is None:
+            raise ValueError("calibration needs held-out images (give heldout= or heldout_fraction > 0)")
+        features = [list(f) for f in self.heldout_feature_batches()]
+        self.threshold = self._calibrate(self.model, features)
+        out = {"last": self.threshold, "best": None}
+        best = best_epoch(self.history)
+        if not self.config.checkpoint_dir:
+            return out
+        self.save_checkpoint()
+        if best is None:
+            return out
+        if best[0] == self.epoch:
+            self.save_checkpoint(kind="best")
+            out["best"] = self.threshold
+        elif self.is_main:
+            path = os.path.join(self.config.checkpoint_dir, "best.pt")
+            ck = load_checkpoint_file(path)
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(ck["model"], strict=False)
+            out["best"] = self._calibrate(model, features)
+            ck["model"] = model.trainable_state_dict(include_backbone=bool(ck.get("backbone_saved")))
+            ck["threshold"], ck["selection"] = out["best"], self.selection()
+            atomic_save(ck, path)
+        return out
+
 
     def _stop_reason(self, auto: bool, target: int) -> Optional[str]:
         if not auto:
@@ -482,6 +538,8 @@ class AltUBTrainer:
             "world_size": self.world_size,
             "heldout": self.split.to_dict(),
             "selection": self.selection(),
+            # {"value", "max_fpr", "n_heldout", "score_mode", ...}: set by calibrate_checkpoints()
+            "threshold": self.threshold,
         }
 
     def save_checkpoint(self, path: Optional[str] = None, kind: str = "last") -> Optional[str]:
@@ -534,6 +592,7 @@ class AltUBTrainer:
         self.skipped_updates = int(ck.get("skipped_updates", 0))
         self.history = list(ck.get("history", []))
         self._restore_split(ck, path)
+        self.threshold = ck.get("threshold")
         if restore_rng:
             set_rng_state(ck["rng"])
         self.last_checkpoint = os.path.abspath(path)
