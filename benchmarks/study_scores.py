@@ -288,6 +288,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-root", default=None)
     p.add_argument("--seeds", default=None, help="only these seeds of the arms (comma list), to split a study "
                    "over processes")
+    p.add_argument("--arms", default=None, help="only these arms (comma list of " + ", ".join(ARMS) + ")")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs for every data set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--feature-cache", default=None, help="folder to keep extracted backbone features in "
@@ -353,6 +354,8 @@ def main(argv=None) -> Dict[str, Any]:
         # Seed by seed, so that a study stopped early still holds paired arms; the block sets come
         # after the first seed (one seed each).
         arms = cfg["arms"] if ("arms" in parts and ds != "bottle") else {}
+        if args.arms is not None:
+            arms = {a: v for a, v in arms.items() if a in args.arms.split(",")}
         seeds = sorted({s for v in arms.values() for s in v})
         if args.seeds is not None:
             seeds = [s for s in seeds if s in {int(x) for x in args.seeds.split(",")}]
