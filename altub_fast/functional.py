@@ -28,6 +28,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CALLS: Counter = Counter()
 
 
+def _count(key: str) -> None:
+    # Not under torch.compile: dynamo would guard on the counter's value and recompile every call.
+    if not torch.compiler.is_compiling():
+        CALLS[key] += 1
+
+
 def default_impl() -> str:
     impl = os.environ.get("ALTUB_FAST_IMPL", "auto").strip().lower() or "auto"
     if impl not in IMPLS:
@@ -88,7 +94,7 @@ def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: 
     """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`
     (``pixel_logdet=True`` appends the per-pixel log-det (B, *sp) float32)."""
     which = resolve_impl(impl, x, a, global_scale, global_offset)
-    CALLS[f"coupling_forward:{which}"] += 1
+    _count(f"coupling_forward:{which}")
     if which == "triton":
         from .ops.coupling import coupling_forward_triton
         return coupling_forward_triton(x, a, global_scale, global_offset, perm, clamp=clamp,
@@ -108,7 +114,7 @@ def coupling_forward_loglik(x: Tensor, a: Tensor, global_scale: Tensor, global_o
     ``pixel_logdet=True`` the per-pixel log-det); see
     :func:`altub_fast.reference.coupling_forward_loglik`."""
     which = resolve_impl(impl, x, a, global_scale, global_offset, mu, log_sigma)
-    CALLS[f"coupling_forward_loglik:{which}"] += 1
+    _count(f"coupling_forward_loglik:{which}")
     if which == "triton":
         from .ops.coupling import coupling_forward_loglik_triton
         return coupling_forward_loglik_triton(x, a, global_scale, global_offset, perm, mu, log_sigma,
@@ -128,5 +134,5 @@ def gaussian_log_prob(z: Tensor, mu: Optional[Tensor] = None, log_sigma: Optiona
     enough; the fused kernel serves it inside :func:`coupling_forward_loglik`. This entry stays on
     the reference.
     """
-    CALLS["gaussian_log_prob:torch"] += 1
+    _count("gaussian_log_prob:torch")
     return reference.gaussian_log_prob(z, mu, log_sigma, reduction=reduction, include_const=include_const)
