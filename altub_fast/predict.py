@@ -4,8 +4,8 @@
     python -m altub_fast.predict --checkpoint last.pt 'line3/**/*.png' part_0001.bmp --threshold 1.8
     altub-fast predict ...                                      # the same, as an installed command
 
-PATH arguments are image files, folders (their files, sorted; ``--recursive`` walks sub-folders) or
-glob patterns (``**`` matches any depth). Every image is read as in training
+PATH arguments are image files, folders (their files, sorted, hidden ones left out; ``--recursive``
+walks sub-folders) or glob patterns (``**`` matches any depth). Every image is read as in training
 (:func:`altub_fast.data.load_image`: any size, greyscale or RGB, resized to the model's input size,
 ImageNet-normalised) and scored by ``model.anomaly_map``. Prints one line per image (decision,
 score, path) and writes ``predictions.csv``, ``predictions.json`` and one overlay PNG per image
@@ -330,7 +330,9 @@ def write_overlays(result: ScoreResult, model, thr: Threshold, out_dir: Path, ch
         pos = keep[s:s + chunk]
         preds = [result.predictions[i] for i in pos]
         images, ok, _ = load_images([p.path for p in preds], size_hw)
-        if len(ok) != len(pos):   # a file changed on disk since scoring
+        if len(ok) != len(pos):
+            print(f"warning: no overlays for {len(pos)} images: a file changed on disk since it was scored",
+                  file=sys.stderr)
             continue
         titles = []
         for p in preds:
