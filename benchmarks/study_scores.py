@@ -289,6 +289,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default=None, help="only these seeds of the arms (comma list), to split a study "
                    "over processes")
     p.add_argument("--arms", default=None, help="only these arms (comma list of " + ", ".join(ARMS) + ")")
+    p.add_argument("--block-sets", default=None, help="only these block sets (comma list of " + ", ".join(BLOCK_SETS) + ")")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs for every data set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--feature-cache", default=None, help="folder to keep extracted backbone features in "
@@ -365,6 +366,8 @@ def main(argv=None) -> Dict[str, Any]:
                     add(arm, seed, DEFAULT_BLOCKS, E, cfg)
             if seed in (0, None) and "blocks" in parts:
                 for name, blocks in BLOCK_SETS.items():
+                    if args.block_sets is not None and name not in args.block_sets.split(","):
+                        continue
                     if blocks == DEFAULT_BLOCKS and arms:
                         continue  # the altub seed-0 run above is this block set
                     add("altub", 0, blocks, E, cfg)
