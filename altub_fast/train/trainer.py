@@ -381,7 +381,7 @@ class AltUBTrainer:
         return self.history
 
     # ------------------------------------------------------------------ calibration
-    def _calibrate(self, model: nn.Module, features: List[List[Tensor]]) -> dict:
+    def _calibrate(self, model: nn.Module, features: List[List[Tensor]], warn: bool = True) -> dict:
         """``model.calibrate`` on the held-out features, then the threshold at ``max_fpr``."""
         scores = model.calibrate(features).detach().double().cpu().reshape(-1)
         if len(scores) != len(self.heldout_dataset):
@@ -389,7 +389,7 @@ class AltUBTrainer:
                                f"held-out images")
         max_fpr = float(self.config.max_fpr)
         n = len(scores)
-        if max_fpr > 0 and n * max_fpr < 1:
+        if warn and max_fpr > 0 and n * max_fpr < 1:
             logger.warning("%d held-out images: the threshold for max_fpr=%g is their maximum score (a rate of "
                            "%g needs at least %d images)", n, max_fpr, max_fpr, math.ceil(1 / max_fpr))
         return {"value": threshold_at_fpr(scores, max_fpr), "max_fpr": max_fpr, "n_heldout": n,
@@ -421,7 +421,7 @@ class AltUBTrainer:
             ck = load_checkpoint_file(path)
             model = copy.deepcopy(self.model)
             model.load_state_dict(ck["model"], strict=False)
-            out["best"] = self._calibrate(model, features)
+            out["best"] = self._calibrate(model, features, warn=False)
             ck["model"] = model.trainable_state_dict(include_backbone=bool(ck.get("backbone_saved")))
             ck["threshold"], ck["selection"] = out["best"], self.selection()
             atomic_save(ck, path)
