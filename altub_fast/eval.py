@@ -9,6 +9,13 @@ Prints a table (image AUROC, pixel AUROC, AUPRO, training and inference images/s
 weights, implementation) and writes ``results.json``, anomaly-map overlays and ROC curves (PNG)
 to the output folder. ``--compare-reference`` trains the reference implementation on the same data
 and seed as well and reports both side by side.
+
+Without labels: a held-out part of the normal images (``validation/good``, else ``--heldout-fraction``
+of ``train/good``) is never trained on; its NLL per epoch (nats per dimension) chooses ``best.pt`` and,
+with ``--epochs auto`` (the default), when to stop; at the end its scores calibrate the model and
+give a threshold at ``--max-fpr``. Only then is the test set read: eval scores the chosen checkpoint
+(best.pt) and, where it is another epoch, last.pt, and reports precision / recall / F1 at the
+threshold beside the F1-optimal threshold (chosen on the test set, so optimistic).
 """
 from __future__ import annotations
 

@@ -125,9 +125,14 @@ def test_missing_backbone_weights_names_the_ways_out(tmp_path, capsys, monkeypat
 def test_cflow_through_the_cli(tmp_path):
     code = cli.main(["--synthetic", "--model", "cflow", "--data-root", str(tmp_path / "d"), "--image-size", "64",
                      "--epochs", "1", "--flow-steps", "2", "--num-overlays", "1", "--out", str(tmp_path / "o"),
-                     "--quiet"])
+                     "--quiet", "--score", "cflow", "--image-score", "topk"])
     assert code == 0
     run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    from altub_fast.train import load_checkpoint_file   # --score / --image-score reach the model
+
+    ck = load_checkpoint_file(run["checkpoint"])
+    assert ck["model_config"]["score"] == "cflow" and ck["model_config"]["image_score"] == "topk"
+    assert run["threshold"]["score_mode"] == "cflow" and run["threshold"]["image_score"] == "topk"
     assert json.loads((tmp_path / "o" / "results.json").read_text())["model"] == "cflow"
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= run["metrics"][k] <= 1.0
