@@ -49,6 +49,13 @@ def _epochs(text: str):
         raise argparse.ArgumentTypeError(f"--epochs takes a number or 'auto', not {text!r}") from None
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,10, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m altub_fast.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "of --compare-reference with FrEIA's block, which has no per-pixel log-det)")
     m.add_argument("--image-score", default=None, help="image score from the map: max, topk or topk:F "
                    "(mean of the top fraction F of pixels) (default: the model's)")
+    m.add_argument("--feature-blocks", default=None, type=_int_list,
+                   help="efficientnet_lite0 only: the MBConv blocks to take features from, e.g. 4,10 "
+                        "(default: the model's, see docs/results.md)")
+    m.add_argument("--published-loss", action="store_true",
+                   help="FastFlow: the published loss, without the LayerNorm's log-det (reproduces "
+                        "gathierry/FastFlow and anomalib; the default counts it, so the loss is an exact NLL)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_epochs, default="auto",
                    help="a number, or auto (default): stop when the held-out NLL has not improved for --patience "
@@ -167,6 +180,12 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
         kw["image_score"] = args.image_score
     if args.flow_steps is not None:
         kw["flow_steps" if args.model == "fastflow" else "coupling_blocks"] = args.flow_steps
+    if args.feature_blocks is not None:
+        kw["feature_blocks"] = args.feature_blocks
+    if args.published_loss:
+        if args.model != "fastflow":
+            raise SystemExit("--published-loss is a FastFlow option (CFLOW-AD has no LayerNorm)")
+        kw["norm_logdet"] = False
     history: List[dict] = []
     train_s = 0.0
     split = None

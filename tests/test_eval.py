@@ -266,3 +266,35 @@ def test_epochs_auto_needs_heldout_images(tmp_path, capsys):
     assert "held-out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--synthetic", "--epochs", "soon"])
+
+
+def test_feature_blocks_published_loss_and_predict_from_the_trained_checkpoint(tmp_path, capsys):
+    """The user's path end to end: eval trains, calibrates and stores a threshold; predict reuses it."""
+    import torch
+
+    from altub_fast import predict as predict_cli
+
+    out = tmp_path / "o"
+    code = cli.main(["--synthetic", "--data-root", str(tmp_path / "d"), "--image-size", "64", "--epochs", "1",
+                     "--flow-steps", "1", "--num-overlays", "0", "--out", str(out), "--quiet",
+                     "--feature-blocks", "4,10", "--published-loss"])
+    assert code == 0
+    ckpts = sorted(out.glob("checkpoints/*/best.pt"))
+    assert ckpts, "eval wrote no best.pt"
+    ck = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    assert ck["model_config"]["feature_blocks"] == [4, 10] and ck["model_config"]["norm_logdet"] is False
+    assert ck["model"]["scorer.calibrated"].item() is True
+    assert ck["threshold"]["score_mode"] == ck["model_config"]["score"]
+    capsys.readouterr()
+    test_dir = next((tmp_path / "d").glob("*/test"))
+    code = predict_cli.main(["--checkpoint", str(ckpts[0]), str(test_dir), "--recursive", "--out",
+                             str(tmp_path / "p"), "--quiet", "--max-overlays", "0"])
+    assert code == 0
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    preds = rows["predictions"]
+    assert len(preds) > 0 and all(p["decision"] in ("good", "defect") for p in preds)
+    assert all(p["threshold"] == ck["threshold"]["value"] for p in preds)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--synthetic", "--feature-blocks", "4,x"])
+    assert e.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
