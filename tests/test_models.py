@@ -122,8 +122,9 @@ def test_fastflow_baseline_loss_and_altub_nll():
 
 
 def test_fastflow_anomaly_map_formula():
-    """score="fastflow": the paper's map (the default "loglik" is tested in tests/test_scoring.py)."""
-    m = tiny_fastflow(score="fastflow")
+    """score="fastflow", image_score="max": the paper's map and image score (the defaults are tested in
+    tests/test_scoring.py)."""
+    m = tiny_fastflow(score="fastflow", image_score="max")
     randomise_base(m)
     x = torch.randn(2, 3, 32, 32)
     maps, scores = m.anomaly_map(x)

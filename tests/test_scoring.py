@@ -195,7 +195,8 @@ def test_image_score_rules():
     # top 5 % of 100 pixels = the top 5
     torch.testing.assert_close(image_scores_from_maps(maps, "topk", 0.05), maps.flatten(1)[:, -5:].mean(1))
     assert parse_image_score("topk:0.02") == ("topk", 0.02)
-    assert parse_image_score(None) == ("max", 0.01)
+    assert parse_image_score(None) == ("topk", 0.01)       # the default, chosen in docs/results.md
+    assert parse_image_score("max") == ("max", 0.01)
     for bad in ("mean", "topk:x", "topk:0"):
         with pytest.raises(ValueError, match="image_score|fraction"):
             parse_image_score(bad)

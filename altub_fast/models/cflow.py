@@ -90,7 +90,7 @@ class CFlow(FlowModel):
       impl, clamp_mode: passed to every block.
       inference_chunk: fibers per flow call when scoring (bounds memory).
       score, image_score, topk_fraction: the anomaly map and image score (see
-        :mod:`altub_fast.models.scoring`; default "loglik" and "max").
+        :mod:`altub_fast.models.scoring`; default "loglik" and "topk", the top-1 % mean).
       feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
     """
 
