@@ -382,17 +382,76 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+_LOG_LINE = (r"^\S+ (?P<ds>\S+) (?P<model>\S+) (?P<arm>\S+) blocks (?P<blocks>\S+) seed (?P<seed>\d+): epoch "
+             r"(?P<epoch>\d+)/(?P<epochs>\d+) heldout NLL (?P<ho>\S+) train NLL (?P<tr>\S+) loglik img (?P<img>\S+) "
+             r"pix (?P<pix>\S+) aupro (?P<aupro>\S+); fastflow pix (?P<ffpix>\S+)$")
+
+
+def runs_from_log(path: str, done: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Runs still in progress when a study was stopped, rebuilt from its log lines (which carry the
+    held-out NLL, the loglik/max metrics and the fastflow map's pixel AUROC of each evaluation);
+    marked ``partial``. Runs already in ``done`` (the JSON) are skipped."""
+    import re
+    seen = {(r["dataset"], r["model"], r["arm"], "/".join(map(str, r["blocks"])), r["seed"]) for r in done}
+    runs: Dict[tuple, Dict[str, Any]] = {}
+    nan = float("nan")
+    with open(path) as f:
+        for line in f:
+            m = re.match(_LOG_LINE, line.strip())
+            if not m:
+                continue
+            key = (m["ds"], m["model"], m["arm"], m["blocks"], int(m["seed"]))
+            if key in seen:
+                continue
+            r = runs.setdefault(key, dict(dataset=key[0], model=key[1], arm=key[2],
+                                          blocks=[int(b) for b in key[3].split("/")], seed=key[4],
+                                          epochs=int(m["epochs"]), curve=[], partial=True))
+            num = lambda k: float(m[k]) if m[k] != "nan" else nan  # noqa: E731
+            met = {"loglik/max": {"image_auroc": num("img"), "pixel_auroc": num("pix"), "aupro": num("aupro")},
+                   "fastflow/max": {"pixel_auroc": num("ffpix")}}
+            r["curve"].append({"epoch": int(m["epoch"]), "heldout_nll": num("ho"), "train_nll": num("tr"),
+                               "metrics": met})
+    out = []
+    for r in runs.values():
+        hist = [p["heldout_nll"] for p in r["curve"]]
+        best = int(np.argmin(hist))
+        r["auto"] = {"stop": r["curve"][-1]["epoch"], "chosen": r["curve"][best]["epoch"],
+                     "note": "partial run: lowest held-out NLL among the logged evaluations"}
+        out.append(r)
+    return out
+
+
 def merge_json(paths: Sequence[str]) -> Dict[str, Any]:
     """One results dict from study.json files of runs split by data set (run side by side)."""
+    import re
     merged: Dict[str, Any] = {}
     for p in paths:
-        with open(p) as f:
-            r = json.load(f)
+        if os.path.isdir(p):
+            p = os.path.join(p, "study.json")
+        log_path = os.path.join(os.path.dirname(p), "study.log")
+        if os.path.isfile(p):
+            with open(p) as f:
+                r = json.load(f)
+        else:   # stopped before its first run finished: the log is all there is
+            r = dict(config=dict(PRESETS["reduced"], preset="reduced", auto_rule=AUTO_RULE, backbone=BACKBONE,
+                                 threads=1, torch=torch.__version__, command=f"(log only) {log_path}"),
+                     datasets={}, runs=[], knn={})
+            with open(log_path) as f:
+                for line in f:
+                    m = re.match(r"^\S+ (\S+): (\d+) train / (\d+) held-out normal / (\d+) test images at (\d+)px "
+                                 r"\((\d+) defective; pixel masks: (\w+)\)", line.strip())
+                    if m:
+                        r["datasets"][m[1]] = dict(n_train=int(m[2]), n_heldout=int(m[3]), n_test=int(m[4]),
+                                                   image_size=int(m[5]), n_defective=int(m[6]),
+                                                   has_masks=m[7] == "True")
+        if os.path.isfile(log_path):
+            r["runs"] = list(r["runs"]) + runs_from_log(log_path, r["runs"])
         if not merged:
             merged = dict(r, datasets=dict(r["datasets"]), runs=list(r["runs"]), knn=dict(r["knn"]))
             merged["config"] = dict(r["config"], command=[r["config"]["command"]])
             continue
-        merged["datasets"].update(r["datasets"])
+        for k, v in r["datasets"].items():
+            merged["datasets"].setdefault(k, v)
         merged["runs"] += r["runs"]
         merged["knn"].update(r["knn"])
         merged["config"]["command"].append(r["config"]["command"])
@@ -416,7 +475,7 @@ def run_points(run) -> Dict[str, Dict[str, Any]]:
     """last, auto-chosen and best-on-test (hindsight) points of a run, per score key."""
     evals = [r for r in run["curve"] if "metrics" in r]
     last = run["curve"][-1]
-    chosen = run["curve"][run["auto"]["chosen"] - 1]
+    chosen = next(r for r in run["curve"] if r["epoch"] == run["auto"]["chosen"])
     return {"last": last, "auto": chosen, "evals": evals}
 
 
@@ -452,11 +511,15 @@ def report(results: Dict[str, Any], out: str) -> Dict[str, Any]:
                 for m in metrics:
                     last = [_metric(run_points(r)["last"], key, m) for r in rs]
                     auto = [_metric(run_points(r)["auto"], key, m) for r in rs]
-                    best = [max((_metric(p, key, m) or -1) for p in run_points(r)["evals"]) for r in rs]
+                    best = [max((v for v in (_metric(p, key, m) for p in run_points(r)["evals"]) if v is not None),
+                                default=None) for r in rs]
                     cells += [_ms(last), _ms(auto), _ms(best)]
                 ae = [r["auto"]["chosen"] for r in rs]
+                partial = any(r.get("partial") for r in rs)
+                ends = ", ".join(str(r["curve"][-1]["epoch"]) for r in rs)
                 lines.append(f"| {model} | {arm} | {blocks} | {len(rs)} | {key} | " + " | ".join(cells)
-                             + f" | {', '.join(map(str, ae))} of {rs[0]['epochs']} |")
+                             + f" | {', '.join(map(str, ae))} of {rs[0]['epochs']}"
+                             + (f" (stopped at epoch {ends}: partial, from the log)" if partial else "") + " |")
         lines.append("")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
