@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..nn import cpu_fast
 from .backbones import NonFiniteError
 from .scoring import MapScorer, ScaleLogLik, concat_parts
 
@@ -36,7 +37,7 @@ class FlowModel(nn.Module):
         """The frozen backbone's raw feature maps."""
         self._check_images(images)
         self.backbone.eval()
-        return self.backbone(images)
+        return self.backbone(cpu_fast.backbone_input(images, self.config.get("impl")))
 
     # ------------------------------------------------------------------ scoring
     def score_parts(self, x) -> List[ScaleLogLik]:  # pragma: no cover - abstract
