@@ -24,9 +24,11 @@ TOLERANCE = 0.002
 
 
 def _args(**kw):
-    base = dict(model="fastflow", backbone="efficientnet_lite0", weights=None, no_pretrained=False, no_altub=False,
-                flow_steps=None, checkpoint=None, epochs=1, batch_size=None, lr=None, seed=0, resume=False,
-                amp=False, quiet=True, image_size=256)
+    """The eval command's own defaults (so new options are covered), with the comparison's settings:
+    both runs score with the FastFlow paper's map, the one FrEIA's block (no per-pixel log-det) gives."""
+    base = vars(cli.build_parser().parse_args([]))
+    base.update(model="fastflow", backbone="efficientnet_lite0", quiet=True, compare_reference=True,
+                score="fastflow", image_size=256, max_epochs=100)
     base.update(kw)
     return SimpleNamespace(**base)
 
