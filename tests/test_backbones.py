@@ -33,7 +33,7 @@ def test_efficientnet_lite0_offline_weights():
     assert os.path.isfile(path)
     bb = build_backbone(EFFICIENTNET_LITE0)  # pretrained=True: the packaged file, no network
     assert bb.weights_origin.startswith("package:")
-    assert bb.channels == [24, 40, 112] and bb.strides == [4, 8, 16]
+    assert bb.channels == [40, 112, 320] and bb.strides == [8, 16, 32]
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert torch.equal(bb.stem.weight, state["_conv_stem.weight"])
     assert torch.equal(bb.blocks[10]._project_conv.weight, state["_blocks.10._project_conv.weight"])
@@ -41,7 +41,7 @@ def test_efficientnet_lite0_offline_weights():
     assert not bb.training and all(not p.requires_grad for p in bb.parameters())
     with torch.no_grad():
         feats = bb(torch.randn(2, 3, 64, 64))
-    assert [tuple(f.shape) for f in feats] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    assert [tuple(f.shape) for f in feats] == [(2, 40, 8, 8), (2, 112, 4, 4), (2, 320, 2, 2)]
     assert [tuple(f.shape[1:]) for f in feats] == bb.feature_shapes(64)
     # the weights are real: ImageNet BN statistics give well-scaled, non-constant features
     assert all(torch.isfinite(f).all() and f.std() > 1e-3 for f in feats)

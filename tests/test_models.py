@@ -249,7 +249,7 @@ def test_cflow_log_likelihoods_are_full_per_dimension():
 
 def test_build_model_factory():
     m = build_model("cflow", "efficientnet_lite0", image_size=64, coupling_blocks=1, condition_dim=8)
-    assert m.channels == [24, 40, 112] and m.backbone.weights_origin.startswith("package:")
+    assert m.channels == [40, 112, 320] and m.backbone.weights_origin.startswith("package:")
     assert m.config["name"] == "cflow" and m.config["backbone"] == "efficientnet_lite0"
     with pytest.raises(ValueError, match="unknown model"):
         build_model("padim")

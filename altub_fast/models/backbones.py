@@ -48,7 +48,7 @@ EFFICIENTNET_LITE0_BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 1
 EFFICIENTNET_LITE0_BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 #: Blocks of EfficientNet-Lite0 whose outputs are taken by default, and what they give
 #: (the choice is measured in docs/results.md; ``feature_blocks=`` picks others).
-EFFICIENTNET_LITE0_BLOCKS = (2, 4, 10)
+EFFICIENTNET_LITE0_BLOCKS = (4, 10, 15)   # 40/112/320 channels at strides 8/16/32; 2/4/10 before
 EFFICIENTNET_LITE0_CHANNELS = tuple(EFFICIENTNET_LITE0_BLOCK_CHANNELS[b] for b in EFFICIENTNET_LITE0_BLOCKS)
 EFFICIENTNET_LITE0_STRIDES = tuple(EFFICIENTNET_LITE0_BLOCK_STRIDES[b] for b in EFFICIENTNET_LITE0_BLOCKS)
 
@@ -257,8 +257,8 @@ class TimmViTBackbone(FeatureExtractor):
 
 
 class EfficientNetLite0Backbone(FeatureExtractor):
-    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``), outputs after ``blocks`` (default 2, 4
-    and 10: 24/40/112 channels at strides 4/8/16).
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``), outputs after ``blocks`` (default 4, 10
+    and 15: 40/112/320 channels at strides 8/16/32, chosen in docs/results.md).
 
     The TF-Lite ImageNet weights expect pixels mapped as (255 * p - 127) / 128; images arrive
     ImageNet-normalised (the package's data convention), so ``forward`` undoes that normalisation
@@ -357,7 +357,7 @@ def build_backbone(name: str, *, pretrained: bool = True, weights: Optional[str]
         are resampled when it differs from the native size).
       input_norm: efficientnet_lite0 only, see :class:`EfficientNetLite0Backbone`.
       feature_blocks: efficientnet_lite0 only: the MBConv blocks (0..15) whose outputs are used
-        (default 2, 4, 10; e.g. (4, 10) or (4, 10, 15)).
+        (default 4, 10, 15; e.g. (2, 4, 10), the default before the study in docs/results.md).
     """
     b = base_name(name)
     if feature_blocks is not None and b != EFFICIENTNET_LITE0:

@@ -13,8 +13,8 @@ Scoring (:mod:`altub_fast.models.scoring`): every fiber's log p is already its f
 log-likelihood (base plus its log-det). ``score="cflow"`` is CFLOW-AD's map, per layer
 exp(log p / C - max) upsampled (align_corners=True) and summed, map = max - sum, with both maxima
 taken over held-out normal training images (the official code takes them over the test set, anomalib
-over the batch: either makes a score depend on the other images scored). The default, "loglik",
-standardises each layer's log p / C by held-out normal statistics and averages the layers.
+over the batch: either makes a score depend on the other images scored). "loglik" standardises each
+layer's log p / C by held-out normal statistics and averages the layers.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class CFlow(FlowModel):
       impl, clamp_mode: passed to every block.
       inference_chunk: fibers per flow call when scoring (bounds memory).
       score, image_score, topk_fraction: the anomaly map and image score (see
-        :mod:`altub_fast.models.scoring`; default "loglik" and "topk", the top-1 % mean).
+        :mod:`altub_fast.models.scoring`; default "fastflow" and "topk", the top-1 % mean).
       feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
     """
 

@@ -124,7 +124,7 @@ class FastFlow(FlowModel):
         cannot fall by shrinking the LayerNorm weights). False: the published FastFlow loss, which
         leaves it out (gathierry/FastFlow, anomalib).
       score, image_score, topk_fraction: the anomaly map and image score (see
-        :mod:`altub_fast.models.scoring`; default "loglik" and "topk", the top-1 % mean).
+        :mod:`altub_fast.models.scoring`; default "fastflow" and "topk", the top-1 % mean).
       feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
 
     ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
