@@ -100,7 +100,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def with_threshold(ckpt, tmp_path, value, score_mode="loglik"):
+def with_threshold(ckpt, tmp_path, value, score_mode="fastflow"):
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     ck["threshold"] = {"value": float(value), "max_fpr": 0.01, "n_heldout": 7, "score_mode": score_mode}
     path = tmp_path / "with_threshold.pt"
