@@ -48,18 +48,55 @@ def shared_data():
     return root
 
 
+#: Benchmark sizes: "tiny" (a plain `pytest`: each benchmark once, untimed, as a smoke test),
+#: "reduced" (`pytest --benchmark-only`, the default: representative sizes, every provider, minutes)
+#: and "full" (`--full-sweep` or ALTUB_FAST_BENCH=full: the whole sweep at wide_resnet50_2 shapes).
+BENCH_SCALES = ("tiny", "reduced", "full")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full-sweep", action="store_true", default=False,
+                     help="with --benchmark-only: time the full benchmark sweep (every case, wide_resnet50_2 "
+                          "shapes; tens of minutes on a small CPU) instead of the reduced default. "
+                          "Same as ALTUB_FAST_BENCH=full.")
+
+
+def benchmark_scale(config) -> str:
+    """The benchmark size of this session (see BENCH_SCALES)."""
+    if getattr(config.option, "benchmark_disable", True):
+        return "tiny"
+    env = os.environ.get("ALTUB_FAST_BENCH", "").strip().lower()
+    if env not in ("", "reduced", "full"):
+        raise pytest.UsageError(f"ALTUB_FAST_BENCH must be 'reduced' or 'full' (or unset), got {env!r}")
+    return "full" if (config.getoption("full_sweep") or env == "full") else "reduced"
+
+
+@pytest.fixture(scope="session")
+def bench_scale(request) -> str:
+    return benchmark_scale(request.config)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-benchmark hook
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["bench_scale"] = benchmark_scale(config)
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
-    # Full-size benchmark cases only run when benchmarks are timed; a plain `pytest` keeps one
-    # tiny smoke case per benchmark and deselects the rest (reported as deselected, not passed).
-    if getattr(config.option, "benchmark_disable", False):
+    # Benchmark cases by size (reported as deselected, not passed): `full_benchmark` cases run only
+    # in the full sweep; `timed_benchmark` cases (another shape, a provider whose compilation alone
+    # takes tens of seconds) run whenever benchmarks are timed but not in a plain `pytest`, which
+    # keeps one tiny smoke case per benchmark.
+    scale = benchmark_scale(config)
+    dropped = {"tiny": ("full_benchmark", "timed_benchmark"), "reduced": ("full_benchmark",), "full": ()}[scale]
+    if dropped:
         keep, drop = [], []
         for item in items:
-            (drop if "full_benchmark" in item.keywords else keep).append(item)
+            (drop if any(m in item.keywords for m in dropped) else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
@@ -75,6 +112,6 @@ def pytest_configure(config):
         return
     asked = (getattr(opt, "benchmark_only", False) or getattr(opt, "benchmark_enable", False)
              or getattr(opt, "benchmark_json", None) or getattr(opt, "benchmark_autosave", False)
-             or getattr(opt, "benchmark_save", None))
+             or getattr(opt, "benchmark_save", None) or getattr(opt, "full_sweep", False))
     if not asked:
         opt.benchmark_disable = True

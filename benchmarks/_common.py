@@ -7,6 +7,9 @@ script recomputes every ratio from the JSON.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn as nn
 
@@ -22,9 +25,69 @@ CONV3X3_ONLY = {"resnet18": True, "wide_resnet50_2": False}
 TINY_SHAPE = (8, 8, 8)
 BATCH = 32 if ON_GPU else 4
 TINY_BATCH = 2
+#: The reduced run (``pytest --benchmark-only`` without ``--full-sweep``) on the CPU: the same
+#: channel counts at half the side (a quarter of the pixels) and half the batch. What separates the
+#: providers (the permutation's O(C) or O(C^2) per pixel against the subnet's) depends on the
+#: channels, so the ratios stay representative at an eighth of the work.
+REDUCED_BATCH = 32 if ON_GPU else 2
 
 #: (level, shape, mode) -> reference mean seconds, filled as the reference benchmarks run.
 RESULTS: dict = {}
+
+
+def sized(shape, bench_scale: str):
+    """A full-size (C, H, W) as the given benchmark scale runs it ("tiny" gives TINY_SHAPE)."""
+    if bench_scale == "tiny":
+        return TINY_SHAPE
+    if bench_scale == "reduced" and not ON_GPU:
+        C, H, W = shape
+        return (C, max(1, H // 2), max(1, W // 2))
+    return tuple(shape)
+
+
+def batch_for(bench_scale: str) -> int:
+    return {"tiny": TINY_BATCH, "reduced": REDUCED_BATCH, "full": BATCH}[bench_scale]
+
+
+@contextlib.contextmanager
+def user_default_env():
+    """The environment of a user who set nothing: ALTUB_FAST_IMPL unset (auto) and, on the CPU,
+    no Triton interpreter (conftest turns it on for the kernel tests)."""
+    saved = {k: os.environ.get(k) for k in ("ALTUB_FAST_IMPL", "TRITON_INTERPRET")}
+    os.environ.pop("ALTUB_FAST_IMPL", None)
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def as_installed(fn):
+    """``fn`` run in :func:`user_default_env`: the provider that stands for altub_fast as a user
+    gets it (the reference asks for impl="torch" explicitly and FrEIA ignores the switch)."""
+    def call(*args, **kwargs):
+        with user_default_env():
+            return fn(*args, **kwargs)
+    return call
+
+
+def allow_many_compiles(limit: int = 256) -> None:
+    """Let dynamo keep one compiled version per benchmark case: every case builds new modules,
+    which fail the guards of the last one, and past dynamo's default limit (8) it would silently
+    run the rest in eager mode."""
+    try:
+        import torch._dynamo
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(limit, getattr(torch._dynamo.config, knob)))
 
 
 def sync():
@@ -84,26 +147,32 @@ def peak_memory(fn) -> int:
 
 
 def interleaved_ratio(fn_base, fn_new, rounds: int = 7, warmup: int = 1) -> dict:
-    """Speed-up of ``fn_new`` over ``fn_base`` from calls that alternate A, B, A, B, ...
+    """Speed-up of ``fn_new`` over ``fn_base`` from calls that alternate A, B, B, A, A, B, ...
 
     Alternating the two puts both under the same background load at nearly the same moments,
     which is what makes a ratio from a shared, noisy machine worth reporting. Returns the ratio of
-    medians and of minimums, and the medians themselves (seconds).
+    median wall times (``ratio_median``, the number to quote) and of minimums, the medians
+    themselves (seconds), and on the CPU the ratio of median process CPU times
+    (``cpu_ratio_median``: the work done, less sensitive to how much of the machine others take).
     """
     import statistics
     import time
 
     for _ in range(warmup):
         fn_base(); fn_new(); sync()
-    t_base, t_new = [], []
+    t_base, t_new, c_base, c_new = [], [], [], []
     for i in range(rounds):
-        order = ((fn_base, t_base), (fn_new, t_new)) if i % 2 == 0 else ((fn_new, t_new), (fn_base, t_base))
-        for fn, acc in order:
+        order = ((fn_base, t_base, c_base), (fn_new, t_new, c_new))
+        for fn, acc, cacc in (order if i % 2 == 0 else order[::-1]):
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync()
             acc.append(time.perf_counter() - t0)
+            cacc.append(time.process_time() - c0)
     mb, mn = statistics.median(t_base), statistics.median(t_new)
-    return {"ratio_median": mb / mn, "ratio_min": min(t_base) / min(t_new),
-            "base_median_s": mb, "new_median_s": mn, "rounds": rounds}
+    out = {"ratio_median": mb / mn, "ratio_min": min(t_base) / min(t_new),
+           "base_median_s": mb, "new_median_s": mn, "rounds": rounds}
+    if not ON_GPU and statistics.median(c_new) > 0:
+        out["cpu_ratio_median"] = statistics.median(c_base) / statistics.median(c_new)
+    return out

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# GPU check of the fused coupling kernels: install, CUDA tests, kernel benchmarks, a short table.
+# GPU check of the fused coupling kernels: install, CUDA tests, kernel benchmarks, the reduced
+# block / flow / FastFlow benchmarks, and the tables last.
 #
-# Needs: a CUDA device; python with torch, triton, pytest and pytest-benchmark already installed;
-# no network (the package is installed with --no-deps --no-build-isolation).
+# Needs: a CUDA device; python with torch, triton, pytest and pytest-benchmark already installed
+# (written for the GPU image's torch 2.11 / triton 3.6; FrEIA, timm and the efficientnet_lite0
+# package are optional: the benchmarks that need them skip); no network (the package is installed
+# with --no-deps --no-build-isolation).
 # Budget: under 6 minutes on an H200: every stage runs under a timeout cut from what is left of
-# TOTAL_BUDGET seconds (default 340), keeping BENCH_RESERVE seconds (default 170) for the benchmarks.
+# TOTAL_BUDGET seconds (default 340), keeping BENCH_RESERVE seconds (default 170) for the benchmarks,
+# FLOWS_RESERVE (default 80) of them for the flow benchmarks.
 #
 # Usage: bash benchmarks/gpu_check.sh [name]
 #   name        results file stem (default coupling_<gpu>_<date>); JSON goes to
-#               benchmarks/results/<name>.json, and to $OUT/<name>.json when $OUT is set.
+#               benchmarks/results/<name>.json (kernels) and <name>_flows.json (blocks, flows,
+#               FastFlow), and to $OUT/ when $OUT is set.
 # Environment knobs:
-#   BENCH_K         pytest -k expression to restrict the benchmarks (default: all)
+#   BENCH_K         pytest -k expression to restrict the kernel benchmarks (default: all)
+#   FLOWS_K         pytest -k expression for the flow benchmarks (default: "not compiled": the
+#                   compiled provider's compilation would not fit the budget; FLOWS_K= runs all)
+#   SKIP_FLOWS=1    kernel benchmarks only
 #   BENCH_MAX_TIME  --benchmark-max-time seconds per benchmark (default 0.05)
 #   BENCH_ROUNDS    --benchmark-min-rounds (default 5)
 #   SKIP_TESTS=1    benchmarks only
@@ -60,6 +68,8 @@ NAME=${1:-coupling_${GPU}_$(date +%Y%m%d_%H%M%S)}
 [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "results name may use letters, digits, '.', '_' and '-' only: $NAME"
 mkdir -p benchmarks/results
 JSON="benchmarks/results/$NAME.json"
+FLOWS_JSON="benchmarks/results/${NAME}_flows.json"
+FLOWS_RESERVE=${FLOWS_RESERVE:-80}
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     say "install skipped (DRY_RUN=1)"
@@ -98,14 +108,38 @@ bench_args=(benchmarks/test_coupling_perf.py --benchmark-only --benchmark-json "
             -q -p no:cacheprovider --no-header -rs)
 if [[ -n "${BENCH_K:-}" ]]; then bench_args+=(-k "$BENCH_K"); fi
 rc=0
-timeout "$(stage_timeout 300 10)" "$PY" -m pytest "${bench_args[@]}" || rc=$?
+flows_reserve=$FLOWS_RESERVE
+[[ "${SKIP_FLOWS:-0}" == "1" ]] && flows_reserve=10
+timeout "$(stage_timeout 300 "$flows_reserve")" "$PY" -m pytest "${bench_args[@]}" || rc=$?
 if [[ $rc -ne 0 ]]; then echo "!! benchmarks failed or timed out (exit $rc)"; status=1; fi
 
-if [[ -f "$JSON" ]]; then
-    if [[ -n "${OUT:-}" ]]; then
-        mkdir -p "$OUT" && cp "$JSON" "$OUT/" && echo "copied $JSON to $OUT/"
+if [[ "${SKIP_FLOWS:-0}" != "1" ]]; then
+    say "block, 8-block flow and FastFlow benchmarks, reduced size -> $FLOWS_JSON"
+    flows_args=(benchmarks/test_block_perf.py benchmarks/test_fastflow_perf.py --benchmark-only
+                --benchmark-json "$FLOWS_JSON" -q -p no:cacheprovider --no-header -rs)
+    flows_k=${FLOWS_K-not compiled}
+    if [[ -n "$flows_k" ]]; then flows_args+=(-k "$flows_k"); fi
+    rc=0
+    # ALTUB_FAST_BENCH=reduced: the reduced sizes even if the caller's environment asks for the full sweep
+    ALTUB_FAST_BENCH=reduced timeout "$(stage_timeout 300 10)" "$PY" -m pytest "${flows_args[@]}" || rc=$?
+    if [[ $rc -ne 0 ]]; then echo "!! flow benchmarks failed or timed out (exit $rc)"; status=1; fi
+fi
+
+for f in "$JSON" "$FLOWS_JSON"; do
+    if [[ -f "$f" && -n "${OUT:-}" ]]; then
+        mkdir -p "$OUT" && cp "$f" "$OUT/" && echo "copied $f to $OUT/"
     fi
-    say "summary (median times; GB/s counts the bytes a fused step must move; copy = clone bandwidth)"
+done
+[[ -f "$JSON" ]] || { echo "!! no kernel benchmark JSON was written"; status=1; }
+say "done (exit $status); the tables follow"
+if [[ -f "$FLOWS_JSON" ]]; then
+    echo
+    echo "Blocks, flows and FastFlow (reduced size; speed-ups from interleaved A/B medians where measured):"
+    "$PY" benchmarks/report.py "$FLOWS_JSON" || echo "!! report.py failed on $FLOWS_JSON"
+fi
+if [[ -f "$JSON" ]]; then
+    echo
+    echo "Kernels (median times; GB/s counts the bytes a fused step must move; copy = clone bandwidth):"
     "$PY" - "$JSON" <<'EOF'
 import json, sys
 data = json.load(open(sys.argv[1]))
@@ -130,10 +164,5 @@ for r in sorted(rows, key=lambda r: (r["shape"], r["mode"], r["provider"])):
     mem = f"{r['mem']:.0f}" if r["mem"] else ""
     print(f"{r['provider']:9s} {r['shape']:26s} {r['mode']:7s} {r['ms']:9.3f} {gbs:>8s} {sp:>8s} {frac:>8s} {mem:>9s}")
 EOF
-else
-    echo "!! no benchmark JSON was written"
-    status=1
 fi
-
-say "done (exit $status)"
 exit $status

@@ -1,12 +1,16 @@
 """Turn pytest-benchmark JSON into a markdown table and a PNG chart of speed-ups.
 
-    python benchmarks/report.py RUN.json [--md OUT.md] [--png OUT.png]
+    python benchmarks/report.py RUN.json [RUN2.json ...] [--md OUT.md] [--png OUT.png]
+
+RUN.json is ``pytest benchmarks --benchmark-only --benchmark-json RUN.json`` output, from the
+reduced default or the full sweep (``--full-sweep``); the table says which (``bench_scale``).
 
 Speed-ups are only computed between benchmarks of the same JSON file (the same run): each row's
 mean against the ``reference`` provider's mean for the same case. Where a benchmark also measured
 an interleaved A/B ratio (``vs_reference_interleaved``, ``vs_freia_interleaved`` in extra_info,
 calls alternating under the same load) those are shown too; on a shared, noisy machine they are
-the numbers to quote.
+the numbers to quote; on the CPU the ratio of median process CPU times (the work done, less
+sensitive to what else runs) is shown beside them.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 
 def case_key(b: dict) -> tuple:
     info = b.get("extra_info", {})
-    rest = {k: v for k, v in b.get("params", {}).items() if k != "provider"}
+    rest = {k: v for k, v in (b.get("params") or {}).items() if k != "provider"}
     return (b.get("fullname", b["name"]).split("[")[0], tuple(sorted((k, str(v)) for k, v in rest.items())),
             info.get("level", ""))
 
@@ -27,7 +31,7 @@ def case_key(b: dict) -> tuple:
 def label(b: dict) -> str:
     info = b.get("extra_info", {})
     parts = [info.get("level") or b["name"].split("[")[0].replace("test_", "")]
-    for k in ("backbone", "shape", "mode", "dtype"):
+    for k in ("dataset", "backbone", "shape", "mode", "dtype"):
         if k in info:
             v = info[k]
             parts.append("x".join(map(str, v)) if isinstance(v, list) else str(v))
@@ -40,12 +44,12 @@ def load(path: str):
     ref_mean = {}
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        prov = info.get("provider", b.get("params", {}).get("provider", "?"))
+        prov = info.get("provider", (b.get("params") or {}).get("provider", "?"))
         if prov == "reference":
             ref_mean[case_key(b)] = b["stats"]["mean"]
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        prov = info.get("provider", b.get("params", {}).get("provider", "?"))
+        prov = info.get("provider", (b.get("params") or {}).get("provider", "?"))
         mean = b["stats"]["mean"]
         ref = ref_mean.get(case_key(b))
         rows.append({
@@ -54,10 +58,15 @@ def load(path: str):
             "speedup_vs_reference": (ref / mean) if ref else None,
             "interleaved_vs_reference": (info.get("vs_reference_interleaved") or {}).get("ratio_median"),
             "interleaved_vs_freia": (info.get("vs_freia_interleaved") or {}).get("ratio_median"),
+            "cpu_time_vs_freia": (info.get("vs_freia_interleaved") or {}).get("cpu_ratio_median"),
             "GB_per_s": info.get("GB_per_s"), "peak_memory_MiB": (info.get("peak_memory_bytes") or 0) / 2**20 or None,
             "device": info.get("device", ""),
         })
     machine = data.get("machine_info", {})
+    scale = machine.get("bench_scale") or next((r.get("extra_info", {}).get("bench_scale") for r in data["benchmarks"]
+                                                if r.get("extra_info", {}).get("bench_scale")), "unrecorded")
+    for r in rows:
+        r["scale"] = scale
     return rows, machine
 
 
@@ -67,14 +76,16 @@ def fmt(v, spec=".2f"):
 
 def markdown(rows, machine) -> str:
     out = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
-           f"device(s): {', '.join(sorted({r['device'] for r in rows if r['device']}))}", "",
+           f"device(s): {', '.join(sorted({r['device'] for r in rows if r['device']}))}; "
+           f"size: {', '.join(sorted({r['scale'] for r in rows}))}", "",
            "| case | provider | mean ms | speed-up vs reference (means) | interleaved vs reference | "
-           "interleaved vs FrEIA | GB/s | peak MiB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "interleaved vs FrEIA | vs FrEIA, CPU time | GB/s | peak MiB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["provider"])):
         out.append(f"| {r['case']} | {r['provider']} | {fmt(r['mean_ms'], '.3f')} | "
                    f"{fmt(r['speedup_vs_reference'])} | {fmt(r['interleaved_vs_reference'])} | "
-                   f"{fmt(r['interleaved_vs_freia'])} | {fmt(r['GB_per_s'], '.1f')} | {fmt(r['peak_memory_MiB'], '.0f')} |")
+                   f"{fmt(r['interleaved_vs_freia'])} | {fmt(r['cpu_time_vs_freia'])} | "
+                   f"{fmt(r['GB_per_s'], '.1f')} | {fmt(r['peak_memory_MiB'], '.0f')} |")
     return "\n".join(out) + "\n"
 
 

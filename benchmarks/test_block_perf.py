@@ -1,32 +1,52 @@
 """One AllInOneBlock and an 8-block flow at FastFlow shapes, four providers side by side:
 
-- ``altub``: altub_fast.AllInOneBlock with the default implementation (fused Triton kernels on
-  CUDA; on the CPU the best CPU path);
+- ``altub``: altub_fast.AllInOneBlock as a user gets it (ALTUB_FAST_IMPL unset: the fused Triton
+  kernels on CUDA, the plain PyTorch path on the CPU);
 - ``reference``: altub_fast.AllInOneBlock forced to the plain PyTorch reference (impl="torch");
-- ``compiled``: the reference block under torch.compile;
+- ``compiled``: the reference flow under torch.compile (inductor);
 - ``freia``: FrEIA 0.2's AllInOneBlock (dense 1x1-convolution permutation) with the same weights.
 
 Modes: ``inference`` (forward under no_grad) and ``fwd_bwd`` (forward + backward of the FastFlow
-loss). Each benchmark checks its output against the reference before timing. With benchmarks
-disabled (a plain ``pytest``) one case per provider runs once at a tiny shape; the other cases and
-the compiled provider (compilation alone takes tens of seconds) are deselected.
+loss). Each benchmark checks its output against the reference before timing, and ``altub`` and
+``compiled`` also record an interleaved A/B ratio against FrEIA and against the reference (not for
+``altub`` on the CPU, where its blocks are the reference: the CPU fast path is in the backbone).
+
+Sizes (conftest's ``bench_scale``): a plain ``pytest`` runs each provider but ``compiled`` once at
+a tiny shape; ``pytest --benchmark-only`` (reduced) runs wide_resnet50_2's first and last scale
+(C = 256 and 1024) at half the side and batch 2 on the CPU, ``compiled`` at one block of C = 1024;
+``--full-sweep`` runs wide_resnet50_2 and resnet18 shapes at batch 4 (CPU) / 32 (GPU), every provider
+everywhere.
 """
 import numpy as np
 import pytest
 import torch
 
 import altub_fast
-from _common import (BATCH, CONV3X3_ONLY, DEVICE, FASTFLOW_SHAPES, TINY_BATCH, TINY_SHAPE, fastflow_subnet,
-                     interleaved_ratio, peak_memory, record, run_timed)
+from _common import (CONV3X3_ONLY, DEVICE, FASTFLOW_SHAPES, allow_many_compiles, as_installed, batch_for,
+                     fastflow_subnet, interleaved_ratio, peak_memory, record, run_timed, sized)
 
-FrEIA = pytest.importorskip("FrEIA", reason="FrEIA==0.2 is a dev dependency")
-from FrEIA.framework import SequenceINN as FrEIASequenceINN  # noqa: E402
-from FrEIA.modules import AllInOneBlock as FrEIABlock  # noqa: E402
+try:
+    from FrEIA.framework import SequenceINN as FrEIASequenceINN
+    from FrEIA.modules import AllInOneBlock as FrEIABlock
+except ImportError:  # FrEIA==0.2 is a dev dependency; without it only the freia provider skips
+    FrEIASequenceINN = FrEIABlock = None
 
 FULL = pytest.mark.full_benchmark
-PROVIDERS = ["reference", "altub", pytest.param("compiled", marks=FULL), "freia"]
-CASES = [(bb, i) for bb in FASTFLOW_SHAPES for i in range(3)]
-CASE_PARAMS = [pytest.param(bb, i, id=f"{bb}-s{i}", marks=() if (bb, i) == CASES[0] else FULL) for bb, i in CASES]
+TIMED = pytest.mark.timed_benchmark
+PROVIDERS = ["reference", "altub", "compiled", "freia"]
+LEVELS = ["block", "flow8"]
+
+
+def _marks(provider, backbone, scale, level):
+    if backbone != "wide_resnet50_2":
+        return FULL
+    if provider == "compiled":   # compilation alone takes tens of seconds on a small CPU
+        return TIMED if (scale == 2 and level == "block") else FULL
+    return {0: (), 1: FULL, 2: TIMED}[scale]   # reduced: the smallest and the largest channel count
+
+
+CASES = [pytest.param(p, bb, i, lv, id=f"{p}-{bb}-s{i}-{lv}", marks=_marks(p, bb, i, lv))
+         for p in PROVIDERS for bb in FASTFLOW_SHAPES for i in range(3) for lv in LEVELS]
 
 
 def build_flow(provider, shape, n_blocks, conv3x3_only):
@@ -50,6 +70,7 @@ def build_flow(provider, shape, n_blocks, conv3x3_only):
             b.global_offset.add_(0.1 * torch.randn(b.global_offset.shape, generator=g))
     flow = flow.to(DEVICE)
     if provider == "compiled":
+        allow_many_compiles()
         flow = torch.compile(flow)
     return flow
 
@@ -59,14 +80,26 @@ def loss_of(flow, x):
     return (0.5 * (z.float() ** 2).sum(dim=(1, 2, 3)) - jac).mean()
 
 
-@pytest.mark.parametrize("level", ["block", "flow8"])
+def make_fn(net, x, mode, provider):
+    if mode == "inference":
+        def fn():
+            with torch.no_grad():
+                return net(x)
+    else:
+        params = [p for p in net.parameters() if p.requires_grad]
+
+        def fn():
+            return torch.autograd.grad(loss_of(net, x), params)
+    return as_installed(fn) if provider == "altub" else fn
+
+
 @pytest.mark.parametrize("mode", ["inference", "fwd_bwd"])
-@pytest.mark.parametrize("backbone,scale", CASE_PARAMS)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_block_perf(benchmark, provider, backbone, scale, mode, level):
-    tiny = benchmark.disabled
-    shape = TINY_SHAPE if tiny else FASTFLOW_SHAPES[backbone][scale]
-    batch = TINY_BATCH if tiny else BATCH
+@pytest.mark.parametrize("provider,backbone,scale,level", CASES)
+def test_block_perf(benchmark, bench_scale, provider, backbone, scale, level, mode):
+    if provider == "freia" and FrEIABlock is None:
+        pytest.skip("FrEIA==0.2 (a dev dependency) is not installed")
+    shape = sized(FASTFLOW_SHAPES[backbone][scale], bench_scale)
+    batch = batch_for(bench_scale)
     n_blocks = 1 if level == "block" else 8
     conv3 = CONV3X3_ONLY[backbone]
     flow = build_flow(provider, shape, n_blocks, conv3)
@@ -75,36 +108,29 @@ def test_block_perf(benchmark, provider, backbone, scale, mode, level):
 
     # correctness first, against the reference with the same weights
     with torch.no_grad():
-        z, j = flow(x)
+        z, j = as_installed(flow)(x) if provider == "altub" else flow(x)
         z_ref, j_ref = ref(x)
     tol = 1e-3 if DEVICE.type == "cuda" else 1e-4
     torch.testing.assert_close(z.float(), z_ref.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(j.float(), j_ref.float(), atol=tol * max(1.0, j_ref.abs().max().item()), rtol=tol)
 
-    def make_fn(net):
-        if mode == "inference":
-            def fn():
-                with torch.no_grad():
-                    return net(x)
-            return fn
-        params = [p for p in net.parameters() if p.requires_grad]
-
-        def fn():
-            return torch.autograd.grad(loss_of(net, x), params)
-        return fn
-    fn = make_fn(flow)
+    fn = make_fn(flow, x, mode, provider)
     C, H, W = shape
-    elems = batch * C * H * W
-    rounds = 5 if (DEVICE.type == "cpu" and level == "flow8") else 10
+    cpu = DEVICE.type == "cpu"
+    rounds = {"tiny": 1, "reduced": 3 if (cpu and level == "flow8") else 5,
+              "full": 5 if (cpu and level == "flow8") else 10}[bench_scale]
     run_timed(benchmark, fn, rounds=rounds)
     mem = peak_memory(fn) if mode == "fwd_bwd" else 0
     extra = {}
-    if not tiny and provider != "reference":
-        # interleaved A/B against the reference (and, for ours, against FrEIA) in this same run
-        extra["vs_reference_interleaved"] = interleaved_ratio(make_fn(ref), fn, rounds=rounds)
-        if provider == "altub":
-            extra["vs_freia_interleaved"] = interleaved_ratio(make_fn(build_flow("freia", shape, n_blocks, conv3)),
-                                                              fn, rounds=rounds)
+    if bench_scale != "tiny" and provider in ("altub", "compiled"):
+        # interleaved A/B against the reference and against FrEIA in this same run
+        ab_rounds = rounds if bench_scale == "reduced" else max(rounds, 5)
+        if not (provider == "altub" and cpu):   # on the CPU altub's blocks run the reference itself
+            extra["vs_reference_interleaved"] = interleaved_ratio(make_fn(ref, x, mode, "reference"), fn,
+                                                                  rounds=ab_rounds)
+        if FrEIABlock is not None:
+            freia = build_flow("freia", shape, n_blocks, conv3)
+            extra["vs_freia_interleaved"] = interleaved_ratio(make_fn(freia, x, mode, "freia"), fn, rounds=ab_rounds)
     record(benchmark, (level, backbone, scale, mode), provider, bytes_moved=0,
-           level=level, backbone=backbone, shape=[batch, C, H, W], mode=mode, elements=elems,
-           peak_memory_bytes=mem, **extra)
+           level=level, backbone=backbone, shape=[batch, C, H, W], mode=mode, elements=batch * C * H * W,
+           peak_memory_bytes=mem, bench_scale=bench_scale, **extra)
