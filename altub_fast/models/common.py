@@ -37,7 +37,7 @@ class FlowModel(nn.Module):
         """The frozen backbone's raw feature maps."""
         self._check_images(images)
         self.backbone.eval()
-        return self.backbone(cpu_fast.backbone_input(images, self.config.get("impl")))
+        return cpu_fast.run_backbone(self.backbone, images, self.config.get("impl"))
 
     # ------------------------------------------------------------------ scoring
     def score_parts(self, x) -> List[ScaleLogLik]:  # pragma: no cover - abstract
