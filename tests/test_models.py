@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from altub_fast.models import (CFlow, FastFlow, FeatureExtractor, NonFiniteError, build_model,
                                positionalencoding2d)
 
+from _helpers import randomise_base
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -32,14 +34,6 @@ def tiny_cflow(altub=True, **kw):
     kw.setdefault("fiber_batch_size", 16)
     kw.setdefault("condition_dim", 16)
     return build_model("cflow", "resnet18", pretrained=False, image_size=64, altub=altub, out_indices=(1, 2), **kw)
-
-
-def randomise_base(model, scale=0.3):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for b in model.bases:
-            b.mu.copy_(scale * torch.randn(b.mu.shape, generator=g))
-            b.log_sigma.copy_(scale * torch.randn(b.log_sigma.shape, generator=g))
 
 
 # ----------------------------------------------------------------------------- FastFlow

@@ -11,6 +11,8 @@ from altub_fast.models.backbones import build_backbone
 from altub_fast.models.scoring import (SCORE_MODES, MapScorer, ScaleLogLik, image_scores_from_maps,
                                        parse_image_score)
 
+from _helpers import randomise_base
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -34,11 +36,8 @@ def tiny_cflow(**kw):
 
 def perturb(model, scale=0.3):
     """Random base, random LayerNorm weights and non-trivial flow weights (not the init's identity)."""
-    g = torch.Generator().manual_seed(5)
+    g = randomise_base(model, scale)
     with torch.no_grad():
-        for b in model.bases:
-            b.mu.copy_(scale * torch.randn(b.mu.shape, generator=g))
-            b.log_sigma.copy_(scale * torch.randn(b.log_sigma.shape, generator=g))
         for n in getattr(model, "norms", []):
             if getattr(n, "weight", None) is not None:
                 n.weight.mul_(torch.exp(scale * torch.randn(n.weight.shape, generator=g)))

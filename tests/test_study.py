@@ -1,19 +1,14 @@
 """Smoke test of the AltUB study script (benchmarks/study_altub.py) on a tiny synthetic carpet."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "study_altub.py")
+from _helpers import load_benchmark_script
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("study_altub", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("study_altub")
 
 
 def test_study_tiny_run_writes_json_and_plots(tmp_path):

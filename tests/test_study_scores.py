@@ -1,16 +1,11 @@
 """Smoke test of the score-mode study (benchmarks/study_scores.py) on a tiny synthetic carpet."""
-import importlib.util
 import json
-import os
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "study_scores.py")
+from _helpers import load_benchmark_script
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("study_scores", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("study_scores")
 
 
 def test_auto_rule_stops_after_patience_and_keeps_the_best():
