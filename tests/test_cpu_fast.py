@@ -1,16 +1,18 @@
 """The CPU fast path (altub_fast.nn.cpu_fast): when it applies, that it runs, that it changes no
-number, and that torch.compile of a flow compiles once instead of on every call."""
+number (channels_last, the BatchNorm fold and its cache), and that torch.compile of a flow compiles
+once instead of on every call."""
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import altub_fast
 from altub_fast.models import CFlow, FastFlow
 from altub_fast.nn import cpu_fast
 
-from _helpers import make_subnet
+from _helpers import load_benchmark_script, make_subnet
 
 
 @pytest.fixture
@@ -88,6 +90,14 @@ def test_model_on_the_fast_path_gives_the_reference_numbers(user_cpu, model_name
     assert not any(f.is_contiguous(memory_format=torch.channels_last) for f in feats_ref if f.shape[1] > 1)
     for f, r in zip(feats, feats_ref):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+    # ... with every BatchNorm folded, on a copy: the model is untouched
+    twin = cpu_fast.folded_backbone(fast.backbone, images)
+    assert twin is not fast.backbone
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
+    assert n_bn >= 15 and sum(m.forward is cpu_fast._identity for m in twin.modules()
+                              if isinstance(m, nn.BatchNorm2d)) == n_bn
+    assert not any("forward" in vars(m) for m in fast.backbone.modules())
+    assert fast.state_dict().keys() == ref.state_dict().keys()
     (maps, scores), (maps_ref, scores_ref) = fast.anomaly_map(images), ref.anomaly_map(images)
     torch.testing.assert_close(maps, maps_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-5)
@@ -132,3 +142,96 @@ def test_compiled_flow_compiles_once_not_per_call():
     assert len(graphs) == after_first, f"recompiled {len(graphs) - after_first} times in 10 calls"
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(j, j_ref)
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, reuse_conv_output=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.reuse = reuse_conv_output
+        g = torch.Generator().manual_seed(0)
+        for bn in (self.bn, self.bn2):   # statistics off their init, so the fold does something
+            bn.running_mean.copy_(torch.randn(4, generator=g))
+            bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.randn(4, generator=g))
+            bn.bias.data.copy_(torch.randn(4, generator=g))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.bn2(self.conv2(torch.relu(self.bn(h))))
+        return [y + h] if self.reuse else [y]   # reuse: the pre-BatchNorm output is also used
+
+
+def test_fold_gives_the_plain_numbers_and_follows_weight_changes(user_cpu):
+    m = _ConvBN()
+    x = torch.randn(2, 3, 8, 8)
+    out = cpu_fast.run_backbone(m, x)
+    twin = cpu_fast.folded_backbone(m, x)
+    assert twin is not m and twin.bn.forward is cpu_fast._identity and twin.bn2.forward is cpu_fast._identity
+    torch.testing.assert_close(out[0], m(x)[0], atol=1e-5, rtol=1e-5)
+    assert cpu_fast.folded_backbone(m, x) is twin          # cached while nothing changes
+    # new weights (as load_state_dict copies them in): the copy is rebuilt and follows them
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["bn.running_var"] = sd["bn.running_var"] * 3.0
+    sd["conv.weight"] = -sd["conv.weight"]
+    m.load_state_dict(sd)
+    assert cpu_fast.folded_backbone(m, x) is not twin
+    torch.testing.assert_close(cpu_fast.run_backbone(m, x)[0], m(x)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cpu_fast.run_backbone(m, x)[0], out[0])
+    # not on the fast path: the plain module runs
+    assert cpu_fast.run_backbone(m, x, "torch")[0].is_contiguous()
+
+
+def test_fold_that_would_change_the_function_is_refused_with_a_warning(user_cpu):
+    m = _ConvBN(reuse_conv_output=True)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="did not fold.*differed"):
+        twin = cpu_fast.folded_backbone(m, x)
+    assert twin is m
+    torch.testing.assert_close(cpu_fast.run_backbone(m, x)[0], m(x)[0])
+
+
+def test_no_fold_for_a_backbone_that_trains(user_cpu):
+    m = _ConvBN()
+    x = torch.randn(1, 3, 8, 8)
+    m.train()
+    assert cpu_fast.folded_backbone(m, x) is m              # running statistics would move
+    m.eval()
+    m.conv.weight.requires_grad_(True)
+    assert cpu_fast.folded_backbone(m, x) is m              # weights being fine-tuned
+    m.conv.weight.requires_grad_(False)
+    assert cpu_fast.folded_backbone(m, x) is not m
+
+
+def test_efficientnet_lite0_folds_every_batchnorm(user_cpu):
+    """The default backbone (its Conv2dStaticSamePadding convolutions and the stem's BatchNorm)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    fast = FastFlow("efficientnet_lite0", image_size=64, pretrained=False, flow_steps=2, impl="auto").eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    twin = cpu_fast.folded_backbone(fast.backbone, images)
+    bns = [m for m in twin.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.forward is cpu_fast._identity for m in bns)
+    for f, r in zip(fast.extract_features(images), fast.backbone(images)):
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+
+
+def test_options_script_measures_the_backbone_fast_path(tmp_path):
+    """benchmarks/cpu_fast_options.py (the numbers behind cpu_fast), its smallest run: every
+    option of the backbone part is timed and gives the plain backbone's numbers."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    script = load_benchmark_script("cpu_fast_options")
+    out = tmp_path / "options.json"
+    rows = script.main(["--parts", "backbone", "--rounds", "1", "--image-size", "64", "--batches", "1",
+                        "--out", str(out)])
+    assert {(r["model"], r["option"]) for r in rows} == {
+        (m, o) for m in ("efficientnet_lite0", "resnet18") for o in ("channels_last", "fold", "channels_last+fold")}
+    for r in rows:
+        assert r["rel_diff"] < 1e-4 and r["ratio_median"] > 0 and r["base_median_s"] > 0
+    import json
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(rows)) and "command" in saved["meta"]
