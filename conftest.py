@@ -102,7 +102,40 @@ def pytest_collection_modifyitems(config, items):
             items[:] = keep
 
 
+def _interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels here, or None. Triton 3.6's interpreter
+    breaks on numpy >= 2.4 (a loop bound that is a kernel argument: triton-lang/triton#9171);
+    a probe kernel with such a loop finds it out in milliseconds."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:
+        return None   # no triton: the kernel tests skip with their own reason
+
+    @triton.jit
+    def _probe(out_ptr, n):
+        acc = tl.zeros([1], dtype=tl.float32)
+        for _ in range(0, n, 1):
+            acc += 1.0
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+    out = torch.zeros(1)
+    try:
+        _probe[(1,)](out, 2)
+    except Exception as e:
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument with "
+                f"numpy {numpy.__version__} ({type(e).__name__}: {e}); this is triton-lang/triton#9171. "
+                "Install numpy<2.4 beside this Triton, or the Triton that torch pins (3.8 with torch 2.14)")
+    return None if float(out[0]) == 2.0 else "Triton's interpreter gave a wrong result on a probe kernel"
+
+
 def pytest_configure(config):
+    problem = _interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
     # A plain `pytest` must not spend benchmark time: unless benchmarks were asked for
     # (--benchmark-only / --benchmark-enable / --benchmark-json ...), they run once, untimed, as
     # smoke tests at the tiny sizes the benchmark files pick when `benchmark.disabled` is set.
