@@ -10,7 +10,9 @@ Parts:
   channels_last, and oneDNN's fused conv + ReLU with prepacked weights
   (``torch.ops.mkldnn._convolution_pointwise``, a private op);
 - ``flow``: an 8-block flow kept in channels_last end to end (with a gather that keeps the layout)
-  against the NCHW flow, inference and training (several minutes).
+  against the NCHW flow, inference and training (several minutes);
+- ``vs_freia``: the 8-block flow at C = 1024 @ 16x16, batch 4, as a user gets it (the CPU path)
+  against FrEIA 0.2's, inference and training: the issue's targets, with as many rounds as asked.
 
 Threads: torch's default unless ``--threads``. Results go to stdout and, as JSON, to ``--out``.
 Weights are random: timing does not depend on them.
@@ -149,9 +151,27 @@ def part_flow(rounds: int):
     return rows
 
 
+def part_vs_freia(rounds: int):
+    import test_block_perf as tb
+
+    if tb.FrEIABlock is None:
+        raise SystemExit("the vs_freia part needs FrEIA==0.2 (a dev dependency)")
+    shape = (1024, 16, 16)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    ours, theirs = tb.build_flow("altub", shape, 8, False), tb.build_flow("freia", shape, 8, False)
+    rows = []
+    for mode in ("inference", "fwd_bwd"):
+        r = interleaved_ratio(tb.make_fn(theirs, x, mode, "freia"), tb.make_fn(ours, x, mode, "altub"),
+                              rounds=rounds)
+        rows.append(dict(part="vs_freia", shape=list(shape), batch=4, mode=mode, option="altub vs FrEIA 0.2", **r))
+        print(f"8-block flow {shape} {mode:9s}: altub_fast {r['ratio_median']:.2f}x FrEIA 0.2 "
+              f"(CPU time {r.get('cpu_ratio_median', 0):.2f}x; FrEIA {r['base_median_s'] * 1e3:.0f} ms)", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="backbone,subnet", help="comma list of backbone, subnet, flow")
+    ap.add_argument("--parts", default="backbone,subnet", help="comma list of backbone, subnet, flow, vs_freia")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=256, help="backbone part: image side (default 256)")
@@ -161,9 +181,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = sorted(set(parts) - {"backbone", "subnet", "flow"})
+    bad = sorted(set(parts) - {"backbone", "subnet", "flow", "vs_freia"})
     if bad:
-        ap.error(f"unknown part(s) {bad}; choose from backbone, subnet, flow")
+        ap.error(f"unknown part(s) {bad}; choose from backbone, subnet, flow, vs_freia")
     t0 = time.time()
     rows = []
     batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
@@ -171,7 +191,7 @@ def main(argv=None):
         if p == "backbone":
             rows += part_backbone(args.rounds, args.image_size, batches)
         else:
-            rows += {"subnet": part_subnet, "flow": part_flow}[p](args.rounds)
+            rows += {"subnet": part_subnet, "flow": part_flow, "vs_freia": part_vs_freia}[p](args.rounds)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or
                 platform.machine(), cpus=os.cpu_count(), seconds=round(time.time() - t0, 1),
                 command="python benchmarks/cpu_fast_options.py " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -4,7 +4,8 @@ inference (images -> anomaly maps), in images/s, with peak memory of the trainin
 Providers side by side in one run, all with the same weights and the same score mode
 ("fastflow", the published map, which FrEIA's block can also give):
 - ``altub``: altub_fast as a user gets it (ALTUB_FAST_IMPL unset: the fused Triton kernels on
-  CUDA; on the CPU the CPU fast path of :mod:`altub_fast.nn.cpu_fast`);
+  CUDA; on the CPU the CPU fast path of :mod:`altub_fast.nn.cpu_fast`: channels_last backbone
+  with its BatchNorms folded, subnets' convolutions prepacked in inference);
 - ``reference``: the plain PyTorch path everywhere (impl="torch");
 - ``compiled``: the ``altub`` model after ``model.compile()`` (inductor);
 - ``freia``: the same model built from FrEIA 0.2's AllInOneBlock (dense permutation), the peer, with
@@ -116,6 +117,7 @@ def test_fastflow_perf(benchmark, bench_scale, provider, backbone, image_size, c
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     feats = ref.extract_features(images)   # the trainer caches plain features
     with torch.no_grad():
+        as_installed(model.anomaly_map)(images)   # the CPU path folds and packs on a first call
         maps, _ = as_installed(model.anomaly_map)(images)
         maps_ref, _ = ref.anomaly_map(images)
     torch.testing.assert_close(maps, maps_ref, atol=1e-4, rtol=1e-3)

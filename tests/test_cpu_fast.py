@@ -90,9 +90,9 @@ def test_model_on_the_fast_path_gives_the_reference_numbers(user_cpu, model_name
     for f, r in zip(feats, feats_ref):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
     # ... with every BatchNorm folded, on a copy: the model is untouched
-    assert cpu_fast._CACHE_ATTR in vars(fast.backbone) and cpu_fast._CACHE_ATTR not in vars(ref.backbone)
+    assert fast.backbone in cpu_fast._FOLDS and ref.backbone not in cpu_fast._FOLDS
     twin = cpu_fast.folded_backbone(fast.backbone, images)
-    assert twin is vars(fast.backbone)[cpu_fast._CACHE_ATTR][1]
+    assert twin is cpu_fast._FOLDS[fast.backbone][1]
     assert twin is not fast.backbone
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
     assert n_bn >= 15 and sum(m.forward is cpu_fast._identity for m in twin.modules()
@@ -236,3 +236,92 @@ def test_options_script_measures_the_backbone_fast_path(tmp_path):
     import json
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(rows)) and "command" in saved["meta"]
+
+
+def _conv_subnet(c_in=4, c_out=8, k=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(c_in, c_in, k, padding=k // 2), nn.ReLU(), nn.Conv2d(c_in, c_out, k, padding=k // 2))
+
+
+@pytest.fixture
+def pack_small(monkeypatch):
+    """Pack the tests' small convolutions too (the default packs only from 256 input channels)."""
+    monkeypatch.setattr(cpu_fast, "PACK_MIN_CHANNELS", 1)
+
+
+def test_packed_subnet_gives_the_plain_numbers_and_follows_weights_and_shapes(user_cpu, pack_small):
+    net = _conv_subnet()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(x)
+        out = cpu_fast.run_subnet(net, x)                 # packs, checks, returns the plain result
+        steps = cpu_fast._PACKS[net][2]
+        assert [s[0] for s in steps] == ["conv", "conv"] and steps[0][4] and not steps[1][4]   # ReLU fused
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x), ref, atol=1e-5, rtol=1e-5)   # packed run
+        assert cpu_fast._PACKS[net][2] is steps                                   # cached
+        x3 = torch.randn(3, 4, 5, 7)                                                        # new shape: repacked
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
+        assert cpu_fast._PACKS[net][1] == (3, 4, 5, 7)
+        net[2].weight.mul_(-2.0)                                                            # edited in place
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
+    # not packed: with gradients, under impl="torch", in float64, 1x1-only and non-Sequential subnets
+    assert not cpu_fast.packs(x) and cpu_fast.run_subnet(net, x).requires_grad
+    with torch.no_grad():
+        assert cpu_fast.packs(x) and not cpu_fast.packs(x, "torch") and not cpu_fast.packs(x.double())
+        one = _conv_subnet(k=1)
+        cpu_fast.run_subnet(one, x)
+        assert cpu_fast._PACKS[one][2] is None
+        wrapped = nn.ModuleList([net])
+        assert cpu_fast._pack_steps(wrapped, x.shape) is None
+
+
+def test_packed_subnet_that_disagrees_is_refused_with_a_warning(user_cpu, pack_small, monkeypatch):
+    net = _conv_subnet()
+    x = torch.randn(2, 4, 6, 6)
+    monkeypatch.setattr(cpu_fast, "_run_steps", lambda steps, x: torch.zeros(2, 8, 6, 6))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="packed convolutions differed"):
+            out = cpu_fast.run_subnet(net, x)
+        torch.testing.assert_close(out, net(x))
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x), net(x))   # plain from then on
+
+
+def test_flow_inference_on_packed_subnets_matches_the_reference(user_cpu, pack_small):
+    def build(impl):
+        torch.manual_seed(0)
+        flow = altub_fast.SequenceINN(8, 6, 6)
+        for k in (3, 1, 3):
+            flow.append(altub_fast.AllInOneBlock, subnet_constructor=lambda ci, co, k=k: nn.Sequential(
+                nn.Conv2d(ci, 8, k, padding=k // 2), nn.ReLU(), nn.Conv2d(8, co, k, padding=k // 2)), impl=impl)
+        return flow
+    fast, ref = build(None), build("torch")
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for _ in range(2):   # the first call packs, the second runs packed
+            (z, j), (z_ref, j_ref) = fast(x), ref(x)
+            torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(j, j_ref, atol=1e-4, rtol=1e-5)
+        x_back, _ = fast(z, rev=True)
+        torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-4)
+    import copy
+    import pickle
+    twin = copy.deepcopy(fast)                     # the caches stay outside the modules
+    assert twin[0].subnet not in cpu_fast._PACKS and len(pickle.dumps(fast)) > 0
+    assert [cpu_fast._PACKS.get(b.subnet, (0, 0, None))[2] is not None for b in fast] == [True, False, True]
+
+
+def test_only_wide_convolutions_are_packed(user_cpu):
+    """The default rule: a convolution is packed from PACK_MIN_CHANNELS input channels (where it won)."""
+    wide = cpu_fast.PACK_MIN_CHANNELS
+    x_narrow, x_wide = torch.randn(1, 8, 4, 4), torch.randn(1, wide, 4, 4)
+    assert cpu_fast._pack_steps(_conv_subnet(8, 8), x_narrow.shape) is None
+    torch.manual_seed(0)
+    mixed = nn.Sequential(nn.Conv2d(wide, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, wide, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(wide, 4, 3, padding=1))
+    steps = cpu_fast._pack_steps(mixed, x_wide.shape)
+    assert [s[0] for s in steps] == ["conv", "module", "module", "conv"]
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_fast._run_steps(steps, x_wide), mixed(x_wide), atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional, reference
-from . import _freia_compat
+from . import _freia_compat, cpu_fast
 from ._freia_compat import InputShapeError, InvertibleModule, dims_list
 
 
@@ -224,7 +224,8 @@ class AllInOneBlock(InvertibleModule):
         return x, c
 
     def _subnet(self, x1: Tensor, c: list) -> Tensor:
-        return self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1)
+        # in inference on the CPU fast path, the subnet's convolutions run prepacked (cpu_fast)
+        return cpu_fast.run_subnet(self.subnet, torch.cat([x1, *c], 1) if self.conditional else x1, self.impl)
 
     # ------------------------------------------------------------------ forward
     def _prepare_forward(self, x, c):
