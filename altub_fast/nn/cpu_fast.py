@@ -1,53 +1,64 @@
 """The CPU fast path of the flow models, and what was measured to get there.
 
 What PyTorch offers on a CPU was measured on the shared 2-core AMD EPYC development machine
-(interleaved medians of wall time and of process CPU time; ``benchmarks/test_cpu_fast_perf.py``,
-README's results) and only what won is kept.
+(interleaved medians of wall time and of process CPU time; ``benchmarks/cpu_fast_options.py``,
+``benchmarks/test_block_perf.py``, ``benchmarks/test_fastflow_perf.py``; numbers in README and
+``benchmarks/results/cpu_fast_*``) and only what won is kept.
 
-On by default, wherever the implementation switch resolves to "auto" for CPU tensors
+On by default wherever the implementation switch resolves to "auto" for CPU tensors
 (``ALTUB_FAST_IMPL`` unset or "auto", or the model's ``impl="auto"``, and Triton's interpreter
-off), for the frozen backbone (:func:`run_backbone`, called by ``FlowModel.extract_features``):
+off). Under "torch" (the plain reference, the oracle the tests compare with) and "triton"
+nothing here applies, nor while torch.compile, torch.export or TorchScript trace.
 
-- the input images in channels_last (NHWC) memory format (:func:`backbone_input`). oneDNN then
-  keeps every convolution in NHWC instead of reordering each activation into its blocked layout
-  and back. The features are handed on in the plain NCHW layout (one copy of each map): the flows
-  after the backbone ran 1.11x faster on NCHW features than on NHWC ones (resnet18, batch 8).
-- every BatchNorm folded into the convolution that feeds it (:func:`folded_backbone`): the
-  backbone is frozen and in eval mode, so ``bn(conv(x))`` is one convolution with scaled weights
-  and a bias, and the normalisation pass over each activation disappears. The fold runs on a
-  private copy (the module, its state_dict and checkpoints are untouched; the copy costs the
-  convolution weights once more in memory: 19 MB for efficientnet_lite0, 45 MB for resnet18's
-  three stages), is checked against the unfolded backbone on the first batch it serves (relative
-  difference at most 1e-4, else the plain backbone is used and a warning says why), and is rebuilt
-  when any backbone parameter or buffer changes (load_state_dict, .to(), in-place edits).
+The frozen backbone (:func:`run_backbone`, called by ``FlowModel.extract_features``):
 
-Together, measured on the backbone alone (interleaved medians, 256 px): efficientnet_lite0
-1.24x (batch 1) / 1.55x (batch 8), resnet18 1.20x / 1.37x; channels_last alone 1.05-1.31x, the
-fold alone 1.05-1.12x. Relative difference of the features: 1e-6.
+- input images in channels_last (NHWC) memory format (:func:`backbone_input`): oneDNN keeps every
+  convolution in NHWC instead of reordering each activation into its blocked layout and back.
+  The features are handed on in NCHW (one copy of each map): the flows after the backbone ran
+  1.11x faster on NCHW features than on NHWC ones (resnet18, batch 8).
+- every BatchNorm folded into the convolution feeding it (:func:`folded_backbone`): the backbone
+  is frozen and in eval mode, so ``bn(conv(x))`` is one convolution with scaled weights and a
+  bias. The fold runs on a private copy (the module, its state_dict and checkpoints are
+  untouched; the copy costs the convolution weights once more in memory: 19 MB for
+  efficientnet_lite0, 45 MB for resnet18's three stages), is checked against the unfolded
+  backbone on the first batch it serves (relative difference at most 1e-4, else the plain
+  backbone runs and a warning says why), and is rebuilt when any backbone parameter or buffer
+  changes (load_state_dict, .to(), in-place edits).
 
-Under "torch" (the plain reference, the oracle the tests compare with) and "triton" nothing here
-applies.
+  Backbone alone, 256 px: efficientnet_lite0 1.59x (batch 1) / 1.57x (batch 8), resnet18 1.22x /
+  1.41x; channels_last alone 1.19-1.44x, the fold alone 1.05-1.32x; features within 1.5e-6
+  relative.
 
-Measured and left out (numbers in README):
+The flows' subnets in inference (:func:`run_subnet`, called by ``AllInOneBlock``; no gradient
+recorded, float32, no autocast): an nn.Sequential subnet's convolutions larger than 1x1 with at
+least :data:`PACK_MIN_CHANNELS` (256) input channels run as oneDNN convolutions with prepacked
+weights and the following ReLU fused in (``torch.ops.mkldnn._convolution_pointwise``, the private
+op inductor's CPU backend emits; if it is missing or fails, the plain subnet runs). Eager
+convolutions reorder their weights into oneDNN's blocked layout on every call; at 512 x 512 x 3 x 3
+weights that is a real share of a 16x16 convolution. Packs are cached per input shape, rebuilt
+when a weight changes (a flow that trains on is never stale) and checked against the plain subnet
+on their first input. Subnet alone: 1.17-1.30x at 1024@16x16 (1.33x at batch 1), 1.10-1.11x at
+512@32x32; 0.89-1.06x at 128 input channels and fewer, hence the threshold (wide_resnet50_2's 512
+and 1024 channel scales pack; resnet18, efficientnet_lite0 and wide_resnet50_2's 256 channels do
+not). 8-block flow at 1024@16x16, batch 4, against FrEIA 0.2: 1.38x in inference (21 interleaved
+rounds; 1.19x without the packing).
 
-- channels_last for the flows' subnet convolutions: the subnet alone gains 1.07x in inference at
-  C = 1024 and loses in training (0.76x), and an 8-block flow kept in NHWC end to end (with a
+Measured and left out:
+
+- channels_last for the flows' subnet convolutions: the subnet alone gains 1.04-1.12x in
+  inference and loses in training (0.76x), and an 8-block flow kept in NHWC end to end (with a
   gather that keeps the layout) ran 0.66-0.90x in inference and 0.62-0.83x in training against
   the NCHW flow (wide_resnet50_2 shapes, batch 4): the convolution backward is slower in NHWC,
   and the channel splits hand the convolutions strided views.
-- oneDNN's fused conv + ReLU with prepacked weights in eager mode (the private
-  ``torch.ops.mkldnn._convolution_pointwise``, what inductor emits): the subnet's inference
-  1.17x at 1024@16x16 and 1.29x at batch 1, but 0.94x at 256@64x64 and 0.86x for 1x1 subnets,
-  inference only, and the packed weights go stale when the flow trains on: mixed, left out.
 - ``torch.inference_mode`` instead of ``no_grad``: within noise (1.01x), and its outputs cannot
   be updated in place outside it.
-- ``torch.compile`` (inductor) is a real gain for the flows and the whole model, but costs from
-  half a minute to several minutes of compilation on a small CPU, more than a typical scoring run
-  takes; it stays the user's choice: ``model.compile()`` (works for training and inference;
-  parameters stay graph inputs). Inductor's freezing (weights folded in as constants, oneDNN
-  conv + ReLU fusion with prepacked weights) goes further for inference only, and silently keeps
-  the old weights if the model trains on, so it is not switched on here.
-- thread settings: torch's default, one thread per physical core, is what one would set.
+- ``torch.compile`` (inductor) of the reference flows: 0.85-0.92x the eager reference for one
+  block at 1024@8x8 (``pytest --benchmark-only``) and 1.00x for 8 blocks at 1024@16x16, after
+  half a minute to minutes of compilation on a small CPU: it stays the user's choice
+  (``model.compile()``; parameters stay graph inputs, so it trains too). Inductor's freezing
+  (weights as constants) was not measured: it silently keeps the old weights if the model trains on.
+- thread settings were not varied: torch's default (one thread per core) is used; the long
+  studies pin one thread because they share the machine.
 """
 from __future__ import annotations
 
