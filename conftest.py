@@ -57,7 +57,7 @@ BENCH_SCALES = ("tiny", "reduced", "full")
 def pytest_addoption(parser):
     parser.addoption("--full-sweep", action="store_true", default=False,
                      help="with --benchmark-only: time the full benchmark sweep (every case, wide_resnet50_2 "
-                          "shapes; tens of minutes on a small CPU) instead of the reduced default. "
+                          "shapes; well over half an hour on a small CPU) instead of the reduced default. "
                           "Same as ALTUB_FAST_BENCH=full.")
 
 

@@ -34,6 +34,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from _common import fastflow_subnet, interleaved_ratio  # noqa: E402
 
+from altub_fast.nn.cpu_fast import _max_rel_diff as _rel  # noqa: E402
+
 CL = torch.channels_last
 
 
@@ -42,11 +44,6 @@ def _no_grad(fn):
         with torch.no_grad():
             return fn()
     return call
-
-
-def _rel(a, b) -> float:
-    a, b = (list(a), list(b)) if isinstance(a, (list, tuple)) else ([a], [b])
-    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
 
 
 def part_backbone(rounds: int, size: int = 256, batches=(1, 8)):

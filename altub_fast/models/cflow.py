@@ -91,7 +91,7 @@ class CFlow(FlowModel):
       inference_chunk: fibers per flow call when scoring (bounds memory).
       score, image_score, topk_fraction: the anomaly map and image score (see
         :mod:`altub_fast.models.scoring`; default "fastflow" and "topk", the top-1 % mean).
-      feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
+      feature_blocks: efficientnet_lite0's blocks to take features from (default 4, 10, 15).
     """
 
     model_name = "cflow"

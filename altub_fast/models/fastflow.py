@@ -125,7 +125,7 @@ class FastFlow(FlowModel):
         leaves it out (gathierry/FastFlow, anomalib).
       score, image_score, topk_fraction: the anomaly map and image score (see
         :mod:`altub_fast.models.scoring`; default "fastflow" and "topk", the top-1 % mean).
-      feature_blocks: efficientnet_lite0's blocks to take features from (default 2, 4, 10).
+      feature_blocks: efficientnet_lite0's blocks to take features from (default 4, 10, 15).
 
     ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
     tuple of tensors, one per scale, as :meth:`extract_features` returns them).

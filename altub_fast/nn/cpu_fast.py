@@ -12,7 +12,7 @@ nothing here applies, nor while torch.compile, torch.export or TorchScript trace
 
 The frozen backbone (:func:`run_backbone`, called by ``FlowModel.extract_features``):
 
-- input images in channels_last (NHWC) memory format (:func:`backbone_input`): oneDNN keeps every
+- input images in channels_last (NHWC) memory format: oneDNN keeps every
   convolution in NHWC instead of reordering each activation into its blocked layout and back.
   The features are handed on in NCHW (one copy of each map): the flows after the backbone ran
   1.11x faster on NCHW features than on NHWC ones (resnet18, batch 8).
@@ -86,14 +86,6 @@ def enabled(x: Tensor, impl: Optional[str] = None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-def backbone_input(images: Tensor, impl: Optional[str] = None) -> Tensor:
-    """``images`` (B, 3, H, W) as the backbone should get them: in channels_last where
-    :func:`enabled`, else unchanged (same values either way)."""
-    if images.dim() == 4 and enabled(images, impl):
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
 
 
 # ----------------------------------------------------------------------------- BatchNorm folding
@@ -260,8 +252,8 @@ def _packable_conv(m: nn.Module) -> bool:
 
 def _pack_steps(subnet: nn.Module, shape) -> Optional[list]:
     """The subnet as a list of steps: ("conv", packed weight, bias, conv, fused relu) for each 2-D
-    convolution larger than 1x1 (with the ReLU after it fused in), ("module", m) for the rest.
-    None when the subnet is not an nn.Sequential or holds nothing to pack."""
+    convolution :func:`_packable_conv` accepts (with the ReLU after it fused in), ("module", m) for
+    the rest. None when the subnet is not an nn.Sequential or holds nothing to pack."""
     ops = _pointwise_ops()
     if ops is None or not isinstance(subnet, nn.Sequential):
         return None
@@ -311,7 +303,8 @@ def packs(x: Tensor, impl: Optional[str] = None) -> bool:
 
 def run_subnet(subnet: nn.Module, x: Tensor, impl: Optional[str] = None) -> Tensor:
     """``subnet(x)``; in inference on the CPU fast path (:func:`packs`) an nn.Sequential subnet's
-    convolutions larger than 1x1 run as oneDNN convolutions with prepacked weights and the ReLU
+    convolutions larger than 1x1 with at least :data:`PACK_MIN_CHANNELS` input channels run as
+    oneDNN convolutions with prepacked weights and the ReLU
     after them fused in. The packed weights are cached per input shape and rebuilt when any
     parameter changes; each new pack is checked against the plain subnet on its first input
     (relative difference at most :data:`FOLD_RTOL`), else the plain subnet runs from then on and a
@@ -320,10 +313,8 @@ def run_subnet(subnet: nn.Module, x: Tensor, impl: Optional[str] = None) -> Tens
         return subnet(x)
     sig = _signature(subnet)
     cached = _PACKS.get(subnet)
-    if cached is not None and cached[0] == sig and cached[1] == tuple(x.shape):
+    if cached is not None and cached[0] == sig and cached[1] in (tuple(x.shape), "refused"):
         return subnet(x) if cached[2] is None else _run_steps(cached[2], x)
-    if cached is not None and cached[0] == sig and cached[2] is None and cached[1] == "refused":
-        return subnet(x)
     try:
         steps = _pack_steps(subnet, x.shape)
         out = None if steps is None else _run_steps(steps, x)
