@@ -24,12 +24,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..imagenet import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 
 __all__ = [
     "DatasetError",
@@ -50,8 +52,6 @@ MVTEC_CATEGORIES: Tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _GOOD = "good"
@@ -183,7 +183,8 @@ class MVTecAD(Dataset):
             ``"validation"`` (``validation/good``: held-out normal images, where the category has them;
             see :meth:`has_validation`).
         image_size: output size, an int for square images or ``(height, width)``.
-        normalize: apply ImageNet normalisation (mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225).
+        normalize: apply ImageNet normalisation (:func:`altub_fast.imagenet.normalise`: mean 0.485, 0.456,
+            0.406; std 0.229, 0.224, 0.225).
             With ``False`` images stay in [0, 1].
 
     Each item is a dict: ``image`` float32 (3, H, W); ``mask`` float32 (1, H, W) of 0/1 (zeros for good
@@ -317,9 +318,7 @@ class MVTecAD(Dataset):
         im = _open(sample.path)
         image = torch.from_numpy(_image_to_array(im, sample.path, self.image_size))
         if self.normalize:
-            mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-            image = (image - mean) / std
+            image = normalise(image)
         item: Dict[str, object] = {"image": image}
         if self.has_masks:
             item["mask"] = self._mask(sample, im.size)
@@ -345,9 +344,4 @@ class MVTecAD(Dataset):
         )
 
 
-def denormalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Undo :class:`MVTecAD`'s normalisation on a (..., 3, H, W) tensor; the result is clipped to [0, 1]."""
-    m = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    return (image * s + m).clamp_(0.0, 1.0)
+denormalize = denormalise   # the older spelling, kept for callers of altub_fast.data.denormalize
