@@ -368,6 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The packages each format needs (OpenVINO converts the ONNX export); all in the ``[export]`` extra.
+NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino"),
+         "torchscript": ()}
+
+
+def missing_packages(formats: List[str]) -> Optional[str]:
+    """None when every package the formats need is installed, else one line naming what is missing
+    and the extra that brings it."""
+    import importlib.util
+    missing = sorted({p for f in formats for p in NEEDS[f] if importlib.util.find_spec(p) is None})
+    if not missing:
+        return None
+    return (f"--format {' '.join(formats)} needs {', '.join(missing)}, not installed: "
+            f'pip install "altub_fast[export]"')
+
+
 def _fail(msg: str, status: int = EXIT_USAGE) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return status
@@ -377,6 +393,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.rtol > 0:
         return _fail(f"--rtol must be positive, got {args.rtol}")
+    missing = missing_packages([f for f in FORMATS if f in args.format])
+    if missing:
+        return _fail(missing)
     from .predict import CheckpointError, load_images, open_checkpoint
 
     try:
