@@ -191,6 +191,7 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     split = None
     if args.checkpoint:
         model = load_model(args.checkpoint, device=device)
+        rules_changed = apply_score_rules(model, args.score, args.image_score)
     else:
         model = build_model(args.model, args.backbone, pretrained=not args.no_pretrained, weights=args.weights,
                             altub=not args.no_altub, image_size=args.image_size, **kw)
@@ -217,6 +218,10 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     # held-out NLL, when there is one) and, where it differs, the last one too.
     if args.checkpoint:
         checkpoints = {"checkpoint": checkpoint_info(args.checkpoint)}
+        if rules_changed:    # the stored threshold was set on held-out scores of the checkpoint's own rules
+            checkpoints["checkpoint"]["_threshold"] = None
+            print(f"note: scoring with --score {model.scorer.mode} / --image-score {model.scorer.image_rule} instead of the "
+                  "checkpoint's rules: its stored threshold does not apply, so no decisions are reported")
         chosen, models = "checkpoint", {"checkpoint": model}
     else:
         checkpoints, chosen = trained_checkpoints(trainer, ckpt_dir)
@@ -286,6 +291,20 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     }
     record["_predictions"] = res
     return record
+
+
+def apply_score_rules(model, score: Optional[str], image_score: Optional[str]) -> bool:
+    """Score a loaded checkpoint with ``--score`` / ``--image-score`` where given (an old checkpoint
+    otherwise keeps its own rules). Every mode's constants were calibrated together on the held-out
+    images, so switching needs no data. True when a rule changed."""
+    from .models.scoring import check_score_mode, parse_image_score
+
+    scorer, before = model.scorer, (model.scorer.mode, model.scorer.image_rule, model.scorer.topk_fraction)
+    if score is not None:
+        scorer.mode = check_score_mode(score)
+    if image_score is not None:
+        scorer.image_rule, scorer.topk_fraction = parse_image_score(image_score)
+    return (scorer.mode, scorer.image_rule, scorer.topk_fraction) != before
 
 
 def checkpoint_info(path) -> dict:
