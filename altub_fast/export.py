@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.mvtec import IMAGENET_MEAN, IMAGENET_STD
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "openvino", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript.pt"}
@@ -73,6 +73,7 @@ class AnomalyMapModule(nn.Module):
         super().__init__()
         self.model = model
         self.image_size = tuple(int(v) for v in model.image_size)
+        # the constants as buffers, so the exported graph holds them as named initializers
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -396,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = missing_packages([f for f in FORMATS if f in args.format])
     if missing:
         return _fail(missing)
-    from .predict import CheckpointError, load_images, open_checkpoint
+    from .inference import CheckpointError, open_checkpoint, read_images
 
     try:
         model, ck = open_checkpoint(args.checkpoint, device="cpu")
@@ -409,12 +410,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     h, w = model.image_size
     images = check_images((h, w), 3)
     if args.check_images:
-        loaded, ok, bad = load_images(args.check_images, (h, w))
+        loaded, ok, bad = read_images(args.check_images, (h, w), normalise=False)   # RGB in [0, 1]
         if bad:
             return _fail("cannot use --check-images: " + "; ".join(msg for _, msg in bad))
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        images = np.concatenate([images, (loaded * std + mean).numpy()])   # back to [0, 1]
+        images = np.concatenate([images, loaded.numpy()])
     print(f"altub_fast export: {model.config.get('name', type(model).__name__)} ({model.config.get('backbone', '?')}, "
           f"{h}x{w}) from {args.checkpoint} to {', '.join(formats)}")
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "model": dict(model.config),

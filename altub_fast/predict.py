@@ -32,55 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .inference import CheckpointError, Scorer, open_checkpoint   # opening, reading, scoring: altub_fast/inference/
+
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 GOOD, DEFECT, NO_DECISION, ERROR = "good", "defect", "n/a", "error"
 _GLOB_CHARS = set("*?[")
 
-__all__ = ["CheckpointError", "Threshold", "Prediction", "open_checkpoint", "collect_inputs", "resolve_threshold",
-           "decide", "load_images", "score_files", "main"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used for inference (missing, truncated, an older format, ...). The
-    message names the file and the problem."""
-
-
-# ----------------------------------------------------------------------------- checkpoint
-def open_checkpoint(path: str, device: Optional[str] = None):
-    """(model in eval mode on ``device``, the checkpoint dict) from a trainer checkpoint, or a
-    :class:`CheckpointError` that says what is wrong with the file."""
-    import pickle
-    import zipfile
-
-    from .models import BackboneWeightsError
-    from .train import load_checkpoint_file, load_model
-
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" if not p.exists() else
-                              f"checkpoint {path} is not a file")
-    try:
-        ck = load_checkpoint_file(str(p))
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({p.stat().st_size} bytes): the file is truncated, "
-                              f"corrupt or not a torch checkpoint ({type(e).__name__}: {_first_line(e)})") from e
-    except ValueError as e:   # the trainer's "not an altub_fast training checkpoint (format ...)"
-        raise CheckpointError(f"{e}; it may come from an older altub_fast or another program: "
-                              f"re-train, or re-save it with the current altub_fast.train.AltUBTrainer") from e
-    try:
-        model = load_model(str(p), device=device)
-    except BackboneWeightsError as e:
-        raise CheckpointError(f"checkpoint {path} needs its backbone's pretrained weights, which cannot be "
-                              f"loaded here: {e}") from e
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not describe a model this altub_fast can rebuild "
-                              f"(an older checkpoint format?): {type(e).__name__}: {_first_line(e)}") from e
-    return model, ck
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+__all__ = ["CheckpointError", "Threshold", "Prediction", "ScoreResult", "open_checkpoint", "collect_inputs",
+           "resolve_threshold", "decide", "score_files", "main"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -195,90 +154,74 @@ class ScoreResult:
     predictions: List[Prediction]            # every file, in input order
     maps: Dict[int, "object"] = field(default_factory=dict)   # file position -> (H, W) float16 map
     map_range: Tuple[float, float] = (math.inf, -math.inf)
+    n_scored: int = 0
+
+    def record(self, position: int, amap, score, threshold: Optional[float], keep_maps: int) -> None:
+        """File ``position`` scored: its score, decision and overlay number; its map kept (float16,
+        on the CPU) while fewer than ``keep_maps`` are; the maps' range widened."""
+        import torch
+
+        pred = self.predictions[position]
+        pred.score = float(score)
+        pred.decision = decide(pred.score, threshold)
+        pred.index = self.n_scored
+        amap = amap.float()
+        lo, hi = self.map_range
+        self.map_range = (min(lo, float(amap.min())), max(hi, float(amap.max())))
+        if self.n_scored < keep_maps:
+            self.maps[position] = amap.to("cpu", torch.float16)
+        self.n_scored += 1
 
 
-def load_images(files: Sequence[str], size_hw: Tuple[int, int]):
-    """(stacked ImageNet-normalised images (n, 3, H, W) of the files that loaded, their positions
-    in ``files``, [(position, error message)] for the others)."""
-    import torch
+def _score_batch(scorer: Scorer, images, ok: List[int]):
+    """([(position in chunk, map, score)], [(position in chunk, error)]) for the loaded images of a
+    chunk: one scorer call, or, where its map is not finite, one call per image to find the culprits."""
+    from .models import NonFiniteError
 
-    from .data.mvtec import IMAGENET_MEAN, IMAGENET_STD, DatasetError, load_image
-
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    images, ok, bad = [], [], []
-    for i, f in enumerate(files):
-        try:
-            images.append((torch.from_numpy(load_image(f, size_hw)) - mean) / std)
-            ok.append(i)
-        except (DatasetError, OSError, ValueError) as e:
-            msg = str(e)
-            if "cannot identify image file" in msg:
-                msg = f"not an image file (PIL cannot identify it): {f}"
-            bad.append((i, msg))
-    stacked = torch.stack(images) if images else torch.empty(0, 3, *size_hw)
-    return stacked, ok, bad
+    if not ok:
+        return [], []
+    try:
+        maps, scores = scorer.score(images)
+        return [(j, maps[k], scores[k]) for k, j in enumerate(ok)], []
+    except NonFiniteError:
+        outputs, errors = [], []
+        for k, j in enumerate(ok):
+            try:
+                m, s = scorer.score(images[k:k + 1])
+                outputs.append((j, m[0], s[0]))
+            except NonFiniteError as e:
+                errors.append((j, f"the model's anomaly map is not finite: {e}"))
+        return outputs, errors
 
 
 def score_files(model, files: Sequence[str], *, batch_size: int = 16, device: Optional[str] = None,
                 threshold: Optional[float] = None, keep_maps: int = 0, progress: bool = True,
                 on_result: Optional[Callable[[Prediction], None]] = None) -> ScoreResult:
-    """Score ``files`` in batches with ``model.anomaly_map``. Unreadable files (and images whose
-    map is not finite) become predictions with decision ``error``. The maps of the first
-    ``keep_maps`` scored images are kept (float16, on the CPU) for overlays."""
-    import torch
+    """Score ``files`` in batches with ``model.anomaly_map`` (``model``: a trained model, or a
+    :class:`~altub_fast.inference.Scorer`, which reads and scores the images). Unreadable files (and
+    images whose map is not finite) become predictions with decision ``error``. The maps of the
+    first ``keep_maps`` scored images are kept (float16, on the CPU) for overlays."""
     from tqdm import tqdm
-
-    from .models import NonFiniteError
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    size_hw = tuple(int(v) for v in model.image_size)
+    scorer = model if isinstance(model, Scorer) else Scorer(model, device)
     result = ScoreResult([Prediction(str(f)) for f in files])
-    lo, hi = math.inf, -math.inf
-    n_scored = 0
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
-
-    def run(batch):
-        with torch.no_grad():
-            return model.anomaly_map(batch.to(dev))
-
     for start in range(0, len(files), batch_size):
         chunk = list(files[start:start + batch_size])
-        images, ok, bad = load_images(chunk, size_hw)
-        for j, msg in bad:
+        images, ok, bad = scorer.read(chunk)
+        outputs, not_finite = _score_batch(scorer, images, ok)
+        for j, msg in bad + not_finite:
             result.predictions[start + j].error = msg
-        outputs = []   # (position in chunk, map, score)
-        if ok:
-            try:
-                maps, scores = run(images)
-                outputs = [(j, maps[k], scores[k]) for k, j in enumerate(ok)]
-            except NonFiniteError:
-                # find the image(s) responsible: score one by one
-                for k, j in enumerate(ok):
-                    try:
-                        m, s = run(images[k:k + 1])
-                        outputs.append((j, m[0], s[0]))
-                    except NonFiniteError as e:
-                        result.predictions[start + j].error = f"the model's anomaly map is not finite: {e}"
         for j, amap, score in outputs:
-            pred = result.predictions[start + j]
-            pred.score = float(score)
-            pred.decision = decide(pred.score, threshold)
-            pred.index = n_scored
-            amap = amap.float()
-            lo, hi = min(lo, float(amap.min())), max(hi, float(amap.max()))
-            if n_scored < keep_maps:
-                result.maps[start + j] = amap.to("cpu", torch.float16)
-            n_scored += 1
+            result.record(start + j, amap, score, threshold, keep_maps)
         for j in range(len(chunk)):
             if on_result is not None:
                 on_result(result.predictions[start + j])
         bar.update(len(chunk))
     bar.close()
-    result.map_range = (lo, hi)
     return result
 
 
@@ -320,6 +263,7 @@ def write_overlays(result: ScoreResult, model, thr: Threshold, out_dir: Path, ch
     The colour range is the range of every map of the run, so colours compare across files."""
     import torch
 
+    from .inference import read_images
     from .viz import save_overlays
 
     size_hw = tuple(int(v) for v in model.image_size)
@@ -329,7 +273,7 @@ def write_overlays(result: ScoreResult, model, thr: Threshold, out_dir: Path, ch
     for s in range(0, len(keep), chunk):
         pos = keep[s:s + chunk]
         preds = [result.predictions[i] for i in pos]
-        images, ok, _ = load_images([p.path for p in preds], size_hw)
+        images, ok, _ = read_images([p.path for p in preds], size_hw, normalise=False)
         if len(ok) != len(pos):
             print(f"warning: no overlays for {len(pos)} images: a file changed on disk since it was scored",
                   file=sys.stderr)
@@ -342,8 +286,8 @@ def write_overlays(result: ScoreResult, model, thr: Threshold, out_dir: Path, ch
                 verdict = f"{'>' if p.decision == DEFECT else '<='} threshold {thr.value:.4g}: {p.decision.upper()}"
             titles.append(f"{p.path}\nscore {p.score:.4g}, {verdict}")
         maps = torch.stack([result.maps[i].float() for i in pos])
-        written += save_overlays(images, maps, None, [p.path for p in preds], out_dir, vmin=lo, vmax=hi,
-                                 titles=titles, start_index=preds[0].index)
+        written += save_overlays(images, maps, None, [p.path for p in preds], out_dir, normalized=False,
+                                 vmin=lo, vmax=hi, titles=titles, start_index=preds[0].index)
     return written
 
 
@@ -375,21 +319,64 @@ def _row(decision: str, score: Optional[float], path: str) -> str:
     return f"{decision:7s} {'-' if score is None else format(score, '.6g'):>12s}  {path}"
 
 
+def _argument_problem(args) -> Optional[str]:
+    """What is wrong with the options, or None."""
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.max_overlays is not None and args.max_overlays < 0:
+        return f"--max-overlays must be 0 or more, got {args.max_overlays}"
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        return f"--threshold must be a finite number, got {args.threshold}"
+    if not args.paths:
+        return "no input: give image files, folders or glob patterns after the options"
+    return None
+
+
+def _print_header(model, thr: Threshold, n_files: int, args, device: str) -> None:
+    h, w = model.image_size
+    print(f"altub_fast predict: {n_files} files, {model.config.get('name', type(model).__name__)} "
+          f"({model.config.get('backbone', '?')}, {h}x{w}) from {args.checkpoint}, device {device}")
+    print(thr.note)
+    if not getattr(model, "calibrated", True):
+        print(f"warning: the model's score normalisation was never calibrated on held-out normal images (a checkpoint "
+              f"from before calibration?): score mode {model.score_mode!r} runs with default constants",
+              file=sys.stderr)
+    if not args.quiet:
+        print(f"{'decision':7s} {'score':>12s}  path")
+
+
+def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written: int) -> int:
+    """The closing lines (counts, files written, skipped files); returns the exit status."""
+    preds = result.predictions
+    skipped = [p for p in preds if p.error is not None]
+    scored = [p for p in preds if p.error is None]
+    summary = f"\n{len(scored)} scored"
+    if thr.value is not None:
+        summary += (f": {sum(p.decision == DEFECT for p in scored)} defect, "
+                    f"{sum(p.decision == GOOD for p in scored)} good (threshold {thr.value:.6g})")
+    else:
+        summary += " (no decisions: no threshold)"
+    print(summary + f"; wrote {out_dir / 'predictions.csv'}, predictions.json"
+          + (f" and {n_written - 2} overlays under {out_dir / 'overlays'}" if n_written > 2 else ""))
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
+        for p in skipped:
+            print(f"  {p.path}: {p.error}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_overlays is not None and args.max_overlays < 0:
-        return _fail(f"--max-overlays must be 0 or more, got {args.max_overlays}")
-    if args.threshold is not None and not math.isfinite(args.threshold):
-        return _fail(f"--threshold must be a finite number, got {args.threshold}")
-    if not args.paths:
-        return _fail("no input: give image files, folders or glob patterns after the options")
+    problem = _argument_problem(args)
+    if problem:
+        return _fail(problem)
     files, problems = collect_inputs(args.paths, recursive=args.recursive)
     if not files:
         return _fail("no input images: " + "; ".join(f"{a}: {why}" for a, why in problems))
 
     import torch
+    from tqdm import tqdm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -401,51 +388,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(e))
     out_dir = Path(args.out or Path("runs") / f"predict-{Path(args.checkpoint).stem}")
     keep = len(files) if args.max_overlays is None else args.max_overlays
-    h, w = model.image_size
-    print(f"altub_fast predict: {len(files)} files, {model.config.get('name', type(model).__name__)} "
-          f"({model.config.get('backbone', '?')}, {h}x{w}) from {args.checkpoint}, device {device}")
-    print(thr.note)
-    if not getattr(model, "calibrated", True):
-        print(f"warning: the model's score normalisation was never calibrated on held-out normal images (a checkpoint "
-              f"from before calibration?): score mode {model.score_mode!r} runs with default constants",
-              file=sys.stderr)
-    if not args.quiet:
-        print(f"{'decision':7s} {'score':>12s}  path")
-
-    from tqdm import tqdm
+    _print_header(model, thr, len(files), args, device)
 
     def show(p: Prediction) -> None:
-        if args.quiet:
-            return
-        line = _row(p.decision, p.score, p.path) + (f"   ({p.error})" if p.error else "")
-        tqdm.write(line, file=sys.stdout)
+        if not args.quiet:
+            tqdm.write(_row(p.decision, p.score, p.path) + (f"   ({p.error})" if p.error else ""), file=sys.stdout)
 
-    result = score_files(model, files, batch_size=args.batch_size, device=device, threshold=thr.value,
+    result = score_files(Scorer(model, device), files, batch_size=args.batch_size, threshold=thr.value,
                          keep_maps=keep, progress=not args.quiet, on_result=show)
     for arg, why in problems:
         result.predictions.append(Prediction(arg, error=why))
-    extra = {"model": dict(model.config), "image_size": [h, w], "device": device, "torch": torch.__version__}
+    extra = {"model": dict(model.config), "image_size": list(model.image_size), "device": device,
+             "torch": torch.__version__}
     written = write_outputs(result, thr, out_dir, args.checkpoint, extra)
     if keep > 0 and result.maps:
         written += write_overlays(result, model, thr, out_dir / "overlays")
-
-    preds = result.predictions
-    skipped = [p for p in preds if p.error is not None]
-    scored = [p for p in preds if p.error is None]
-    summary = f"\n{len(scored)} scored"
-    if thr.value is not None:
-        summary += (f": {sum(p.decision == DEFECT for p in scored)} defect, "
-                    f"{sum(p.decision == GOOD for p in scored)} good (threshold {thr.value:.6g})")
-    else:
-        summary += " (no decisions: no threshold)"
-    print(summary + f"; wrote {out_dir / 'predictions.csv'}, predictions.json"
-          + (f" and {len(written) - 2} overlays under {out_dir / 'overlays'}" if len(written) > 2 else ""))
-    if skipped:
-        print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
-        for p in skipped:
-            print(f"  {p.path}: {p.error}", file=sys.stderr)
-        return EXIT_SKIPPED
-    return EXIT_OK
+    return _print_summary(result, thr, out_dir, len(written))
 
 
 if __name__ == "__main__":
