@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .data.mvtec import IMAGENET_MEAN, IMAGENET_STD
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import ArrayLike, _chunks, _ImageStack, _stacks, _to_numpy, image_auroc, pixel_auroc
 
 __all__ = ["save_overlays", "save_roc_curves"]

@@ -59,7 +59,7 @@ def test_auroc_agrees_with_reference(benchmark, bench_scale, dataset, tmp_path, 
 
     def run(label, block):
         records[label] = cli.run_one(args, label, train_ds=train_ds, test_ds=test_ds, device=str(DEVICE),
-                                     impl=None, block=block, out_dir=tmp_path / "out")
+                                     impl=None, block=block, out_dir=tmp_path / "out").record
     ours_run = as_installed(lambda: run("altub_fast", "altub"))
     if tiny:
         benchmark(ours_run)
