@@ -12,7 +12,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
-from .metrics import ArrayLike, _chunks, _ImageStack, _stacks, _to_numpy, image_auroc, pixel_auroc
+from .metrics import image_auroc, pixel_auroc
+from .metrics.inputs import ArrayLike, _chunks, _ImageStack, _stacks, _to_numpy
 
 __all__ = ["save_overlays", "save_roc_curves"]
 

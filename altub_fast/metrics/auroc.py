@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics (SPEC section 5): image AUROC, pixel AUROC and AUPRO.
+"""Image AUROC, pixel AUROC and AUPRO (SPEC section 5), streaming over the maps in chunks.
 
 Memory. A full MVTec AD test set at 256 px holds ~1e8 pixels; sorting them (as
 ``sklearn.metrics.roc_auc_score`` does) needs several copies of that. The pixel metrics here stream over
@@ -30,113 +30,19 @@ per-image (H, W) / (1, H, W) arrays of one size. Masks are binarised at 0.5.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "aupro",
-    "compute_all",
-    "f1_optimal_threshold",
-    "image_auroc",
-    "pixel_auroc",
-    "pixel_auroc_with_bound",
-    "precision_recall_f1",
-    "threshold_at_fpr",
-]
+from .inputs import ArrayLike, _chunks, _ImageStack, _stacks, _to_numpy
 
-ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # noqa: F821
+__all__ = ["aupro", "compute_all", "image_auroc", "pixel_auroc", "pixel_auroc_with_bound"]
 
 _CHUNK_PIXELS = 1 << 20
 _NUM_BINS = 1 << 20
 _TARGET_BOUND = 1e-9
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-# ---------------------------------------------------------------------------------------------------
-# input handling
-
-def _to_numpy(x) -> np.ndarray:
-    """A numpy view of an ndarray, a torch tensor (any device, any float dtype) or a nested sequence."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        import torch
-
-        x = x.detach().cpu()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-class _ImageStack:
-    """Read-only, chunked access to N same-size 2-D images given in any of the accepted forms."""
-
-    def __init__(self, data, name: str) -> None:
-        self.name = name
-        if isinstance(data, (list, tuple)):
-            self._items: Optional[list] = list(data)
-            self._array = None
-            if not self._items:
-                raise ValueError(f"{name} is empty")
-            first = self._squeeze(_to_numpy(self._items[0]), 0)
-            self.n, self.shape = len(self._items), first.shape
-        else:
-            self._items = None
-            self._array = data
-            shape = tuple(data.shape)
-            if len(shape) == 4 and shape[1] == 1:
-                shape = (shape[0],) + shape[2:]
-            if len(shape) != 3:
-                raise ValueError(f"{name} must have shape (N, H, W) or (N, 1, H, W), got {tuple(data.shape)}")
-            if shape[0] == 0:
-                raise ValueError(f"{name} is empty")
-            self.n, self.shape = shape[0], shape[1:]
-        self.pixels_per_image = int(np.prod(self.shape))
-
-    def _squeeze(self, a: np.ndarray, i: int) -> np.ndarray:
-        if a.ndim == 3 and a.shape[0] == 1:
-            a = a[0]
-        if a.ndim != 2:
-            raise ValueError(f"{self.name}[{i}] must have shape (H, W) or (1, H, W), got {a.shape}")
-        return a
-
-    def chunk(self, start: int, stop: int) -> np.ndarray:
-        """Images ``start:stop`` as a float32 (k, H, W) array."""
-        if self._items is not None:
-            parts = []
-            for i in range(start, stop):
-                a = self._squeeze(_to_numpy(self._items[i]), i)
-                if a.shape != self.shape:
-                    raise ValueError(f"{self.name}[{i}] has shape {a.shape}, expected {self.shape}")
-                parts.append(a)
-            out = np.stack(parts)
-        else:
-            out = _to_numpy(self._array[start:stop]).reshape((stop - start,) + tuple(self.shape))
-        return out.astype(np.float32, copy=False)
-
-
-def _stacks(maps, masks, chunk_pixels: int) -> Tuple[_ImageStack, _ImageStack, int]:
-    m, g = _ImageStack(maps, "maps"), _ImageStack(masks, "masks")
-    if m.n != g.n:
-        raise ValueError(f"maps has {m.n} images but masks has {g.n}")
-    if tuple(m.shape) != tuple(g.shape):
-        raise ValueError(f"maps are {tuple(m.shape)} per image but masks are {tuple(g.shape)}")
-    return m, g, max(1, chunk_pixels // m.pixels_per_image)
-
-
-def _chunks(maps: _ImageStack, masks: _ImageStack, per_chunk: int
-            ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
-    """(first image index, float32 maps, bool masks) chunk by chunk; raises on NaN / Inf."""
-    for start in range(0, maps.n, per_chunk):
-        stop = min(maps.n, start + per_chunk)
-        m, g = maps.chunk(start, stop), masks.chunk(start, stop)
-        for arr, what in ((m, "maps"), (g, "masks")):
-            if not np.isfinite(arr).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(arr).reshape(len(arr), -1).all(1))[0])
-                kind = "NaN" if np.isnan(arr[bad - start]).any() else "Inf"
-                raise ValueError(f"{what}[{bad}] contains {kind}; {what} must be finite")
-        yield start, m, g >= 0.5
 
 
 def _keys(x: np.ndarray) -> np.ndarray:
@@ -427,75 +333,3 @@ def compute_all(
         result = {"pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks, fpr_limit=fpr_limit)}
     result["image_auroc"] = image_auroc(scores, labels)
     return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# image-level decisions: a threshold on the image score, "score > threshold" is a defect
-
-def _scores_array(scores: ArrayLike, name: str = "scores") -> np.ndarray:
-    s = _to_numpy(scores).astype(np.float64).reshape(-1)
-    if s.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.isfinite(s).all():
-        i = int(np.flatnonzero(~np.isfinite(s))[0])
-        raise ValueError(f"{name}[{i}] is {s[i]}; anomaly scores must be finite")
-    return s
-
-
-def _labels_array(labels: ArrayLike, n: int) -> np.ndarray:
-    y = _to_numpy(labels).reshape(-1)
-    if y.size != n:
-        raise ValueError(f"scores has {n} entries but labels has {y.size}")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {np.unique(y)[:10]}")
-    return y.astype(bool)
-
-
-def threshold_at_fpr(normal_scores: ArrayLike, max_fpr: float) -> float:
-    """The threshold at a false-alarm rate: the (1 - ``max_fpr``) quantile of normal images' scores.
-
-    It is the empirical (inverted-CDF) quantile: the k-th smallest score with k = ceil((1 - max_fpr) N),
-    so that with the rule "score > threshold is a defect" at most ``floor(max_fpr * N)`` of the N
-    normal images raise an alarm (fewer on ties). With N < 1 / max_fpr this is their maximum score:
-    no alarm on them, and the rate it stands for is only known to be below 1 / N.
-    """
-    if not 0.0 <= max_fpr < 1.0:
-        raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
-    s = np.sort(_scores_array(normal_scores, "normal_scores"))
-    n = s.size
-    k = int(np.ceil(round((1.0 - max_fpr) * n, 9)))
-    return float(s[min(n, max(1, k)) - 1])
-
-
-def precision_recall_f1(scores: ArrayLike, labels: ArrayLike, threshold: float) -> Dict[str, float]:
-    """Image decisions "score > threshold" against labels (1 defective): precision, recall, F1, the
-    false-positive rate and the counts. Precision (and F1) is 0 when nothing is flagged."""
-    s = _scores_array(scores)
-    y = _labels_array(labels, s.size)
-    pred = s > threshold
-    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
-    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
-            "fpr": fp / (fp + tn) if fp + tn else 0.0, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
-
-
-def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> Dict[str, float]:
-    """The threshold with the highest F1 on these labelled scores (rule "score > threshold"), with
-    its precision, recall, F1 and counts as :func:`precision_recall_f1` gives them; on ties the
-    highest such threshold. It is chosen on the labels it is evaluated on: an optimistic bound."""
-    s = _scores_array(scores)
-    y = _labels_array(labels, s.size)
-    if not y.any():
-        raise ValueError("f1_optimal_threshold: no defective image; F1 needs at least one")
-    values = np.unique(s)                                    # ascending
-    candidates = np.r_[values[::-1], np.nextafter(values[0], -np.inf)]   # flag none ... flag all
-    pos, neg = np.sort(s[y]), np.sort(s[~y])
-    tp = pos.size - np.searchsorted(pos, candidates, side="right")
-    fp = neg.size - np.searchsorted(neg, candidates, side="right")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + (pos.size - tp)), 0.0)
-    best = int(np.argmax(f1))                               # first maximum: the highest threshold
-    return precision_recall_f1(s, y.astype(int), float(candidates[best]))
