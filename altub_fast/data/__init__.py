@@ -1,18 +1,20 @@
-"""Datasets: MVTec AD style folders, the MVTec AD download, and a synthetic carpet set."""
+"""Datasets: MVTec AD style folders, the MVTec AD download, and a synthetic carpet set.
+
+``mvtec.py`` reads MVTec AD style folders (:class:`MVTecAD`, ``load_image``, ``load_mask``);
+``download.py`` fetches the archive (resumable, checksummed); ``install.py`` extracts categories
+and installs them atomically; ``synthetic.py`` generates the offline carpet set.
+"""
 from .download import (
-    COMPLETE_MARKER,
     LICENSE_NOTICE,
     MVTEC_SHA256,
     MVTEC_URL,
     ChecksumError,
     DownloadError,
-    UnsafeArchiveError,
     download_category,
     download_file,
     download_mvtec,
-    extract_categories,
-    is_complete,
 )
+from .install import COMPLETE_MARKER, UnsafeArchiveError, extract_categories, is_complete
 from .mvtec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
