@@ -40,20 +40,20 @@ import torch
 import torch.nn as nn
 
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
+from .inference.exported import FORMATS, INPUT_NAME, OUTPUT_NAMES, ExportedModel, format_of
 
-FORMATS = ("onnx", "openvino", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript.pt"}
 _OUT_ENDINGS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}   # --out taken as the file itself
 DEFAULT_RTOL = 1e-4
 DEFAULT_OPSET = 18
-INPUT_NAME, OUTPUT_NAMES = "images", ("maps", "scores")
 EXAMPLE_BATCH = 2          # the batch size traced; the check runs other sizes
 MAX_BATCH = 1 << 16        # the batch axis' declared upper bound (the graph itself has none)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _ONNX_STANDARD_DOMAINS = ("", "ai.onnx")
 
 __all__ = ["ExportError", "ExportCheckError", "AnomalyMapModule", "prepare_for_export", "export_model",
-           "ExportedModel", "check_images", "verify_export", "main"]
+           "ExportedModel", "format_of", "check_images", "verify_export", "main"]   # ExportedModel, format_of:
+# defined in altub_fast/inference/exported.py (loading an exported file is inference), re-exported here
 
 
 class ExportError(RuntimeError):
@@ -189,71 +189,6 @@ def export_openvino(module: AnomalyMapModule, path: Path, example: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- running an export
-def format_of(path) -> str:
-    """The format a file name implies: .onnx, .xml (OpenVINO), .pt / .pth / .ts (TorchScript)."""
-    name = str(path).lower()
-    if name.endswith(".onnx"):
-        return "onnx"
-    if name.endswith(".xml"):
-        return "openvino"
-    if name.endswith((".pt", ".pth", ".ts")):
-        return "torchscript"
-    raise ValueError(f"cannot tell the format of {path} from its name (.onnx, .xml or .pt); pass fmt=")
-
-
-class ExportedModel:
-    """An exported file, loaded in its runtime on the CPU: ``maps, scores = ExportedModel(path)(images)``
-    with ``images`` a float32 array (B, 3, H, W) in [0, 1]; returns numpy arrays.
-
-    onnxruntime (CPUExecutionProvider), OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``
-    (its default on CPUs with bfloat16 units would be bf16), or ``torch.jit.load``. ``threads``:
-    intra-op threads of the runtime (default: the runtime's own choice).
-    """
-
-    def __init__(self, path, fmt: Optional[str] = None, threads: Optional[int] = None):
-        self.path = str(path)
-        self.format = fmt or format_of(path)
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        self.threads = threads
-        if self.format == "onnx":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = int(threads)
-                opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
-        elif self.format == "openvino":
-            import openvino as ov
-
-            core = ov.Core()
-            config = {"INFERENCE_PRECISION_HINT": "f32"}
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = int(threads)
-            self._compiled = core.compile_model(self.path, "CPU", config)
-            self._request = self._compiled.create_infer_request()
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)   # torch.jit's deprecation notice
-                self._module = torch.jit.load(self.path, map_location="cpu").eval()
-
-    def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {x.shape}")
-        if self.format == "onnx":
-            maps, scores = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        elif self.format == "openvino":
-            out = self._request.infer([x])
-            maps, scores = (np.array(out[self._compiled.output(name)]) for name in OUTPUT_NAMES)
-        else:
-            with torch.no_grad():
-                m, s = self._module(torch.from_numpy(x))
-            maps, scores = m.numpy(), s.numpy()
-        return maps, scores
-
-
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     """max |got - ref| / max |ref| (inf for a shape mismatch or a non-finite value)."""
     if got.shape != ref.shape or not np.isfinite(got).all():

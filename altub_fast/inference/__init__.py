@@ -16,11 +16,14 @@ Where things are: ``checkpoint.py`` (:class:`CheckpointError`, :func:`open_check
 error a missing, truncated or old checkpoint gives), ``images.py`` (:func:`read_image`,
 :func:`read_images`, :class:`ImageBatch`; normalisation an explicit choice, constants from
 :mod:`altub_fast.imagenet`), ``scorer.py`` (:class:`Scorer`, the object a runtime backend would
-replace, and :func:`score_dataset`, formerly ``altub_fast.train.predict``).
+replace, and :func:`score_dataset`, formerly ``altub_fast.train.predict``), ``exported.py``
+(:class:`ExportedModel`: a file written by ``altub_fast.export`` run in onnxruntime, OpenVINO or
+torch.jit; it takes un-normalised images).
 """
 from .checkpoint import CheckpointError, load_model, open_checkpoint
+from .exported import ExportedModel
 from .images import ImageBatch, read_image, read_images
 from .scorer import Scorer, score_dataset
 
-__all__ = ["CheckpointError", "ImageBatch", "Scorer", "load_model", "open_checkpoint", "read_image",
+__all__ = ["CheckpointError", "ExportedModel", "ImageBatch", "Scorer", "load_model", "open_checkpoint", "read_image",
            "read_images", "score_dataset"]
