@@ -38,6 +38,52 @@ def _output_name(index: int, path: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in safe) + ".png"
 
 
+def _draw_overlay(rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray, has_truth: bool, vrange, alpha: float,
+                  title: str, target: Path) -> None:
+    """One overlay PNG: the image (with the mask contour), the map over it, the map alone with a colour bar."""
+    lo, hi = vrange
+    fig = _new_figure(12, 4.3)
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(rgb)
+    axes[0].set_title("image + ground truth" if has_truth else "image")
+    axes[1].imshow(rgb)
+    axes[1].imshow(amap, cmap="jet", alpha=alpha, vmin=lo, vmax=hi)
+    axes[1].set_title(f"anomaly map (max {amap.max():.3g})")
+    heat = axes[2].imshow(amap, cmap="jet", vmin=lo, vmax=hi)
+    axes[2].set_title("anomaly map")
+    fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.04)
+    if mask.any():
+        for ax in axes[:2]:
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(target, format="png", bbox_inches="tight")
+
+
+def _overlay_inputs(images: ArrayLike, maps: ArrayLike, masks: Optional[ArrayLike], paths: Sequence[str],
+                    titles: Optional[Sequence[str]]):
+    """(images as numpy, map stack, mask stack, whether there are masks), checked against each other."""
+    imgs = _to_numpy(images)
+    if imgs.ndim != 4 or imgs.shape[1] != 3:
+        raise ValueError(f"images must have shape (N, 3, H, W), got {imgs.shape}")
+    if masks is None:
+        masks = np.zeros(np.shape(maps), dtype=np.float32)
+        has_truth = False
+    else:
+        has_truth = True
+    map_stack, mask_stack = _ImageStack(maps, "maps"), _ImageStack(masks, "masks")
+    count = imgs.shape[0]
+    if titles is not None and len(titles) != count:
+        raise ValueError(f"got {count} images but {len(titles)} titles")
+    if not (map_stack.n == mask_stack.n == len(paths) == count):
+        raise ValueError(f"got {count} images, {map_stack.n} maps, {mask_stack.n} masks, {len(paths)} paths")
+    if tuple(map_stack.shape) != tuple(imgs.shape[2:]) or tuple(mask_stack.shape) != tuple(imgs.shape[2:]):
+        raise ValueError(f"maps {tuple(map_stack.shape)} and masks {tuple(mask_stack.shape)} must match "
+                         f"the images' size {tuple(imgs.shape[2:])}")
+    return imgs, map_stack, mask_stack, has_truth
+
+
 def save_overlays(
     images: ArrayLike,
     maps: ArrayLike,
@@ -73,23 +119,8 @@ def save_overlays(
 
     Returns the written paths.
     """
-    imgs = _to_numpy(images)
-    if imgs.ndim != 4 or imgs.shape[1] != 3:
-        raise ValueError(f"images must have shape (N, 3, H, W), got {imgs.shape}")
-    if masks is None:
-        masks = np.zeros(np.shape(maps), dtype=np.float32)
-        has_truth = False
-    else:
-        has_truth = True
-    map_stack, mask_stack = _ImageStack(maps, "maps"), _ImageStack(masks, "masks")
+    imgs, map_stack, mask_stack, has_truth = _overlay_inputs(images, maps, masks, paths, titles)
     count = imgs.shape[0]
-    if titles is not None and len(titles) != count:
-        raise ValueError(f"got {count} images but {len(titles)} titles")
-    if not (map_stack.n == mask_stack.n == len(paths) == count):
-        raise ValueError(f"got {count} images, {map_stack.n} maps, {mask_stack.n} masks, {len(paths)} paths")
-    if tuple(map_stack.shape) != tuple(imgs.shape[2:]) or tuple(mask_stack.shape) != tuple(imgs.shape[2:]):
-        raise ValueError(f"maps {tuple(map_stack.shape)} and masks {tuple(mask_stack.shape)} must match "
-                         f"the images' size {tuple(imgs.shape[2:])}")
     lo, hi = np.inf, -np.inf
     for _, m, _ in _chunks(map_stack, mask_stack, max(1, (1 << 20) // map_stack.pixels_per_image)):
         lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
@@ -111,24 +142,9 @@ def save_overlays(
         rgb = np.clip(rgb, 0.0, 1.0).transpose(1, 2, 0)
         amap, mask = map_stack.chunk(i, i + 1)[0], mask_stack.chunk(i, i + 1)[0] >= 0.5
 
-        fig = _new_figure(12, 4.3)
-        axes = fig.subplots(1, 3)
-        axes[0].imshow(rgb)
-        axes[0].set_title("image + ground truth" if has_truth else "image")
-        axes[1].imshow(rgb)
-        axes[1].imshow(amap, cmap="jet", alpha=alpha, vmin=lo, vmax=hi)
-        axes[1].set_title(f"anomaly map (max {amap.max():.3g})")
-        heat = axes[2].imshow(amap, cmap="jet", vmin=lo, vmax=hi)
-        axes[2].set_title("anomaly map")
-        fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.04)
-        if mask.any():
-            for ax in axes[:2]:
-                ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
-        for ax in axes:
-            ax.set_axis_off()
-        fig.suptitle(str(paths[i]) if titles is None else str(titles[i]), fontsize=8)
         target = out / _output_name(start_index + i, str(paths[i]))
-        fig.savefig(target, format="png", bbox_inches="tight")
+        _draw_overlay(rgb, amap, mask, has_truth, (lo, hi), alpha,
+                      str(paths[i]) if titles is None else str(titles[i]), target)
         written.append(target)
     return written
 
