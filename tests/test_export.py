@@ -10,7 +10,7 @@ import torch
 from altub_fast import export as E
 from altub_fast import functional
 from altub_fast.cli import main as altub_fast_main
-from altub_fast.data.mvtec import IMAGENET_MEAN, IMAGENET_STD
+from altub_fast.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from altub_fast.train import load_model
 from test_predict import SIZE, make_checkpoint, with_threshold
 

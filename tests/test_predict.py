@@ -13,7 +13,8 @@ from torch.utils.data import TensorDataset
 
 from altub_fast import predict as P
 from altub_fast.cli import main as altub_fast_main
-from altub_fast.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image
+from altub_fast.data.mvtec import load_image
+from altub_fast.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from altub_fast.models import build_model
 from altub_fast.train import AltUBTrainer, load_model
 
@@ -266,3 +267,73 @@ def test_altub_fast_predict_entry_point(ckpt, folder, tmp_path, capsys):
     assert altub_fast_main(["predict", "--checkpoint", str(ckpt), str(folder / "c_defect.png"), "--out",
                             str(tmp_path), "--quiet"]) == P.EXIT_OK
     assert len(read_csv(tmp_path / "predictions.csv")) == 1 and len(list((tmp_path / "overlays").glob("*.png"))) == 1
+
+
+# ----------------------------------------------------------------------------- the inference layer underneath
+def test_imagenet_constants_are_one_set():
+    from altub_fast.data import mvtec
+    from altub_fast.imagenet import denormalise, normalise
+
+    assert mvtec.IMAGENET_MEAN is IMAGENET_MEAN and mvtec.IMAGENET_STD is IMAGENET_STD
+    x = stripes(2)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(normalise(x), (x - mean) / std)
+    torch.testing.assert_close(denormalise(normalise(x)), x, atol=1e-6, rtol=0)
+
+
+def test_read_images_normalises_only_when_asked(folder):
+    from altub_fast.inference import read_images
+
+    files = [str(folder / "a_good.png"), str(folder / "e_notes.txt"), str(folder / "b_good_grey.png")]
+    raw = read_images(files, (SIZE, SIZE), normalise=False)
+    norm = read_images(files, (SIZE, SIZE))
+    assert raw.ok == norm.ok == [0, 2] and [j for j, _ in raw.bad] == [1] and "not an image" in raw.bad[0][1]
+    assert raw.images.shape == (2, 3, SIZE, SIZE) and 0.0 <= float(raw.images.min()) <= float(raw.images.max()) <= 1.0
+    assert torch.equal(raw.images[0], torch.from_numpy(load_image(files[0], (SIZE, SIZE))))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(norm.images, (raw.images - mean) / std)
+
+
+def test_scorer_and_score_dataset_give_the_models_own_scores(ckpt, folder):
+    from altub_fast import train
+    from altub_fast.inference import Scorer, open_checkpoint, score_dataset
+
+    model, ck = open_checkpoint(str(ckpt), device="cpu")
+    assert ck["format"] and not model.training
+    scorer = Scorer(model)
+    assert scorer.input_normalised and scorer.image_size == (SIZE, SIZE)
+    paths = [folder / "a_good.png", folder / "c_defect.png"]
+    images, ok, bad = scorer.read([str(p) for p in paths])
+    maps, scores = scorer.score(images)
+    ref = reference_scores(ckpt, paths)
+    assert maps.shape == (2, SIZE, SIZE) and not bad
+    assert [float(s) for s in scores] == pytest.approx([ref[str(p)] for p in paths], rel=1e-5, abs=1e-6)
+    result = score_dataset(model, TensorDataset(images, torch.tensor([0, 1])), batch_size=1, progress=False)
+    torch.testing.assert_close(result["scores"], scores.float(), rtol=1e-5, atol=1e-6)
+    assert result["labels"].tolist() == [0, 1] and result["masks"] is None
+    assert train.predict is score_dataset     # the old name still works
+
+
+def test_open_checkpoint_names_what_is_wrong(ckpt, tmp_path):
+    from altub_fast.inference import CheckpointError, open_checkpoint
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="is not a file"):
+        open_checkpoint(str(tmp_path))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(ckpt).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a torch checkpoint"):
+        open_checkpoint(str(truncated))
+    old = tmp_path / "old.pt"
+    torch.save({"model": {}}, old)
+    with pytest.raises(CheckpointError, match="not an altub_fast training checkpoint.*older altub_fast"):
+        open_checkpoint(str(old))
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck["model_config"] = {"name": "fastflow", "no_such_option": 1}
+    odd = tmp_path / "odd.pt"
+    torch.save(ck, odd)
+    with pytest.raises(CheckpointError, match="does not describe a model this altub_fast can rebuild"):
+        open_checkpoint(str(odd))
