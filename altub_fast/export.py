@@ -89,7 +89,7 @@ def prepare_for_export(model: nn.Module) -> AnomalyMapModule:
     m = copy.deepcopy(model).cpu().eval()
     for p in m.parameters():
         p.requires_grad_(False)
-    for sub in m.modules():
+    for sub in m.modules():   # to become altub_fast.backend.use_plain_path(m) once backend.py lands
         if hasattr(sub, "impl"):
             sub.impl = "torch"
     if hasattr(m, "check_finite"):
