@@ -64,10 +64,10 @@ DEFECT_KINDS = ("texture", "colour", "contrast", "scratch")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "full": dict(image_size=256, hires_size=384, batch_size=32, epochs=30, keep=[10, 30], eval_every=5, heldout_fraction=0.1,
-                 seeds=[0, 1, 2], knn_bank=100_000, cflow_epochs=10, cflow_options={}, syn_per_image=2,
+                 seeds=[0, 1, 2], knn_bank=100_000, cflow_epochs=10, max_epochs=150, cflow_options={}, syn_per_image=2,
                  carpet=dict(n_train=120, n_test_good=30, n_test_defect=10, size=256)),
     "tiny": dict(image_size=64, hires_size=96, batch_size=4, epochs=3, keep=[1, 3], eval_every=1, heldout_fraction=0.25,
-                 seeds=[0], knn_bank=2_000, cflow_epochs=1, cflow_options=dict(fiber_batch_size=4), syn_per_image=1,
+                 seeds=[0], knn_bank=2_000, cflow_epochs=1, max_epochs=8, cflow_options=dict(fiber_batch_size=4), syn_per_image=1,
                  carpet=dict(n_train=12, n_test_good=3, n_test_defect=3, size=64)),
 }
 
@@ -391,9 +391,12 @@ def prepare(name: str, cfg: Dict[str, Any], size: int, data_root: str, tmp_root:
     return D
 
 
-def run_flow(D: Dict[str, Any], model_name: str, seed: int, epochs: int, cfg: Dict[str, Any], save) -> Dict[str, Any]:
+def run_flow(D: Dict[str, Any], model_name: str, seed: int, epochs: int, cfg: Dict[str, Any], save,
+             until_stop: bool = False) -> Dict[str, Any]:
     """Train ``epochs`` epochs, held-out NLL every epoch, every rule every ``eval_every`` epochs and at
-    the auto-chosen epoch; ``save(run)`` after each evaluation (the run is marked partial until done)."""
+    the auto-chosen epoch; ``save(run)`` after each evaluation (the run is marked partial until done).
+    ``until_stop``: end where the auto rule stops instead (``epochs`` is then the cap), recorded as
+    model "<name>_until_stop"."""
     from altub_fast.models import build_model
     from altub_fast.train import AltUBTrainer
     label = f"{D['name']} {model_name} @{D['size']}px seed {seed}"
@@ -406,7 +409,8 @@ def run_flow(D: Dict[str, Any], model_name: str, seed: int, epochs: int, cfg: Di
                            batch_size=cfg["batch_size"], seed=seed, progress=False, device="cpu",
                            train_nll_images=0, calibrate=False)
     trainer.set_feature_cache(tr)
-    run = dict(dataset=D["name"], model=model_name, size=D["size"], seed=seed, epochs=epochs, curve=[],
+    run = dict(dataset=D["name"], model=model_name + ("_until_stop" if until_stop else ""), size=D["size"],
+               seed=seed, epochs=epochs, curve=[],
                evals={}, partial=True, config=dict(model.config))
     eval_at = set(range(cfg["eval_every"], epochs + 1, cfg["eval_every"])) | {epochs}
     best_state, t0 = None, time.perf_counter()
@@ -430,7 +434,10 @@ def run_flow(D: Dict[str, Any], model_name: str, seed: int, epochs: int, cfg: Di
                 f"nll {t['image']['nll']:.3f} ({time.perf_counter() - t0:.0f}s)")
             save(run)
         if auto["stopped"] and auto["stop"] == e:
-            log(f"{label}: the auto rule stops at epoch {e}, choosing epoch {auto['chosen']} (training goes on)")
+            log(f"{label}: the auto rule stops at epoch {e}, choosing epoch {auto['chosen']}"
+                + ("" if until_stop else " (training goes on)"))
+            if until_stop:
+                break
     run["auto"] = auto_choice([r["heldout_nll"] for r in run["curve"]])
     if str(run["auto"]["chosen"]) not in run["evals"]:
         model.load_state_dict(best_state, strict=False)
@@ -530,7 +537,8 @@ def run_jobs(args, cfg: Dict[str, Any], results: Dict[str, Any], save) -> None:
                     "seeds": [("fastflow", s, epochs, cfg["image_size"]) for s in seeds[1:]],
                     "cflow": [("cflow", seeds[0], cfg["cflow_epochs"], cfg["image_size"])],
                     "384": [("fastflow", seeds[0], epochs, cfg["hires_size"])] if ds in args.hires.split(",") else [],
-                    "knn": [("knn", 0, 0, cfg["image_size"])]}[ph]
+                    "knn": [("knn", 0, 0, cfg["image_size"])],
+                    "until_stop": [("fastflow_until_stop", seeds[0], cfg["max_epochs"], cfg["image_size"])]}[ph]
             for model_name, seed, n_ep, size in todo:
                 try:
                     D = data(ds, size)
@@ -538,7 +546,8 @@ def run_jobs(args, cfg: Dict[str, Any], results: Dict[str, Any], save) -> None:
                         results["knn"][ds] = knn_baseline(D, cfg)
                         save(None)
                     else:
-                        run_flow(D, model_name, seed, n_ep, cfg, save)
+                        run_flow(D, model_name.replace("_until_stop", ""), seed, n_ep, cfg, save,
+                                 until_stop=model_name.endswith("_until_stop"))
                 except Exception as e:  # one failed job must not end the study: recorded, logged
                     import traceback
                     traceback.print_exc()
@@ -555,7 +564,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(PRESETS), default="full")
     p.add_argument("--datasets", default="magnetic_tile,kolektor,bottle,carpet_synthetic")
     p.add_argument("--phases", default="s0,knn,seeds,cflow,384", help="comma list, run in this order: "
-                   "s0 (first seed), knn, seeds (the others), cflow, 384 (FastFlow at the hires size)")
+                   "s0 (first seed), knn, seeds (the others), cflow, 384 (FastFlow at the hires size), "
+                   "until_stop (first seed trained until the auto rule stops, at most max_epochs)")
     p.add_argument("--hires", default="kolektor", help="data sets of the 384 phase")
     p.add_argument("--seeds", default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -677,15 +687,18 @@ def worst_case(values: Dict[str, Dict[str, List[float]]], ab: Dict[str, Dict[str
         spread = {ds: (float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v)) for ds, v in values.get(rule, {}).items()}
         per.update(ab.get(rule, {}))
         if per:
+            shared = [v for ds, v in per.items() if ds not in ("A", "B")]
             rows.append(dict(rule=rule, min=min(per.values()), mean=float(np.mean(list(per.values()))), per=per,
-                             spread=spread, ab=rule in ab, n_sets=len(per)))
+                             min_shared=min(shared) if shared else None, spread=spread, ab=rule in ab,
+                             n_sets=len(per)))
     rows.sort(key=lambda r: (not r["ab"], -round(r["min"], 3), -round(r["mean"], 3)))
     return rows
 
 
 def worst_case_md(rows: List[Dict[str, Any]], sets: Sequence[str], top: Optional[int] = None) -> List[str]:
     cols = list(sets) + ["A", "B"]
-    out = ["| rank | rule | min | mean | " + " | ".join(cols) + " | note |", "|" + "---|" * (len(cols) + 5)]
+    out = ["| rank | rule | min | mean | min (shared sets) | " + " | ".join(cols) + " | note |",
+           "|" + "---|" * (len(cols) + 6)]
     for i, r in enumerate(rows[:top] if top else rows, 1):
         cells = []
         for ds in cols:
@@ -695,7 +708,8 @@ def worst_case_md(rows: List[Dict[str, Any]], sets: Sequence[str], top: Optional
             sd, n = r["spread"].get(ds, (None, 0))
             cells.append(f"{r['per'][ds]:.3f}" + (f" ± {sd:.3f}" if sd is not None else "") + (f" ({n})" if n > 1 else ""))
         note = "" if r["ab"] else "not measured on A/B"
-        out.append(f"| {i} | {r['rule']} | {r['min']:.3f} | {r['mean']:.3f} | " + " | ".join(cells) + f" | {note} |")
+        ms = "" if r["min_shared"] is None else f"{r['min_shared']:.3f}"
+        out.append(f"| {i} | {r['rule']} | {r['min']:.3f} | {r['mean']:.3f} | {ms} | " + " | ".join(cells) + f" | {note} |")
     return out
 
 
@@ -818,6 +832,35 @@ def _extras(results) -> List[str]:
     return lines
 
 
+def until_stop_md(results, pix_rules: Sequence[str], img_rules: Sequence[str]) -> List[str]:
+    """Seed-0 runs trained until the auto rule stops: where it stops and what the rules score there
+    against epochs 10 and 30 of the same run."""
+    runs = [r for r in results["runs"] if r["model"].endswith("_until_stop") and "auto" in r]
+    lo, hi = (str(k) for k in results["config"]["keep"])
+    lines = ["| data set | stop | chosen | " + " | ".join(f"pix {p} @{lo}/{hi}/chosen" for p in pix_rules) + " | "
+             + " | ".join(f"img {i} @{lo}/{hi}/chosen" for i in img_rules) + " |",
+             "|" + "---|" * (3 + len(pix_rules) + len(img_rules))]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in runs:
+        pts = [r["evals"].get(lo), r["evals"].get(hi), eval_at(r, "auto")]
+        cell = lambda kind, rule, m: "/".join(fmt(_value(ev, "test", kind, rule, m)) for ev in pts)  # noqa: E731
+        lines.append(f"| {r['dataset']} | {r['auto']['stop']}" + ("" if r["auto"]["stopped"] else " (cap)")
+                     + f" | {r['auto']['chosen']} | " + " | ".join(cell("pixel", p, "pixel_auroc") for p in pix_rules)
+                     + " | " + " | ".join(cell("image", i, "") for i in img_rules) + " |")
+    return lines
+
+
+def _data_md(results) -> List[str]:
+    L = ["## Data", "", "| data set | train | held-out | test (defective) | masks | synthetic on object: n, object "
+         "found, mean area | synthetic anywhere: n, mean area | features s |", "|---|---|---|---|---|---|---|---|"]
+    for ds, i in results["datasets"].items():
+        so, sa = i.get("syn_object", {}), i.get("syn_anywhere", {})
+        L.append(f"| {ds} | {i['n_train']} | {i['n_heldout']} | {i['n_test']} ({i['n_defective']}) | {i['has_masks']} | "
+                 f"{so.get('n')}, {so.get('object_found', 0):.0%}, {100 * so.get('mean_area', 0):.2f} % | "
+                 f"{sa.get('n')}, {100 * sa.get('mean_area', 0):.2f} % | {i.get('features_s', 0):.0f} |")
+    return L
+
+
 def report(results: Dict[str, Any], out: str, name: str = "summary.md") -> Dict[str, Any]:
     sets_img = [ds for ds in results["datasets"] if "@" not in ds]
     sets_pix = [ds for ds in sets_img if results["datasets"][ds]["has_masks"]]
@@ -859,12 +902,15 @@ def report(results: Dict[str, Any], out: str, name: str = "summary.md") -> Dict[
     if pix and img:
         L += ["## Targets (the worst-case leader and the current default)", "",
               *targets(results, flow_pix[0] if flow_pix else "fastflow", flow_img[0] if flow_img else "fastflow/top1%"), ""]
+    L += ["## The auto rule run until it stops (seed 0; the 30-epoch runs above cap it)", "",
+          *until_stop_md(results, list(dict.fromkeys(cand_p + ["loglik"])), cand_i), ""]
     L += ["## CFLOW-AD and FastFlow at the hires size (FastFlow at the base size, seed 0, beside them)", "",
           *_extras(results), ""]
-    L += ["## Data", "", "| data set | " + " | ".join(next(iter(results["datasets"].values()), {}).keys()) + " |"]
-    L.append("|---|" + "---|" * len(next(iter(results["datasets"].values()), {})))
-    for ds, info in results["datasets"].items():
-        L.append(f"| {ds} | " + " | ".join(str(v) for v in info.values()) + " |")
+    L += _data_md(results)
+    notes = os.path.join(out, "notes.md")
+    if os.path.isfile(notes):   # the hand-written reading of these tables, kept across rebuilds
+        with open(notes) as f:
+            L[1:1] = ["", f.read().strip(), ""]
     with open(os.path.join(out, name), "w") as f:
         f.write("\n".join(L) + "\n")
     try:

@@ -28,7 +28,7 @@ def test_worst_case_ranks_measured_on_ab_first_then_minimum_then_mean(study):
     assert r1["min"] == pytest.approx(0.85) and r1["mean"] == pytest.approx(0.89)
     assert r1["spread"]["x"][1] == 2 and r1["spread"]["x"][0] == pytest.approx(math.sqrt(0.005))
     md = study.worst_case_md(rows, ["x", "y"])
-    assert md[2].startswith("| 1 | r2 | 0.900 | 0.927 | 0.900 | 0.900 | 0.950 | 0.960 |")
+    assert md[2].startswith("| 1 | r2 | 0.900 | 0.927 | 0.900 | 0.900 | 0.900 | 0.950 | 0.960 |")
     assert "0.850 ± 0.071 (2)" in md[4]
     assert md[-1].endswith("| not measured on A/B |") and "not measured" not in md[2]
 
@@ -82,7 +82,7 @@ def test_tiny_study_writes_json_and_tables_and_rebuilds_them(study, tmp_path):
                  "test-chosen", "not measured on A/B", "## Stability", "Spearman",
                  "--from-json docs/study_defaults/study.json"):
         assert text in md
-    assert re.search(r"\| \d+ \| fastflow \| 0\.\d{3} \| 0\.\d{3} \| 0\.\d{3} \| 0\.681 \| 0\.930 \|  \|", md)
+    assert re.search(r"\| \d+ \| fastflow \| 0\.\d{3} \| 0\.\d{3} \| 0\.\d{3} \| 0\.\d{3} \| 0\.681 \| 0\.930 \|  \|", md)
     again = tmp_path / "again"
     study.main(["--from-json", str(out / "study.json"), "--out", str(again)])
     assert (again / "summary.md").read_text() == md
