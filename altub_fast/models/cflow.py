@@ -97,6 +97,7 @@ class CFlow(FlowModel):
     model_name = "cflow"
     default_lr = 2e-4
     default_weight_decay = 0.0
+    has_unused_parameters = True  # one update trains one layer's decoder (DDP's find_unused_parameters)
 
     def __init__(self, backbone: Union[str, FeatureExtractor] = "wide_resnet50_2", *, image_size: ImageSize = 256,
                  pretrained: bool = True, weights: Optional[str] = None, altub: bool = True,

@@ -50,6 +50,10 @@ class FlowModel(nn.Module):
     def score_mode(self) -> str:
         return self.scorer.mode
 
+    def scoring_rules(self) -> Dict[str, str]:
+        """The rules in use: {"score": the anomaly map, "image_score": the image score}."""
+        return {"score": str(self.scorer.mode), "image_score": str(self.scorer.image_rule)}
+
     @property
     def calibrated(self) -> bool:
         """True once :meth:`calibrate` has set the score normalisation from held-out normal images."""

@@ -134,6 +134,7 @@ class FastFlow(FlowModel):
     model_name = "fastflow"
     default_lr = 1e-3
     default_weight_decay = 1e-5
+    has_unused_parameters = False  # every update touches every scale's flow
 
     def __init__(self, backbone: Union[str, FeatureExtractor] = "wide_resnet50_2", *, image_size: ImageSize = 256,
                  pretrained: bool = True, weights: Optional[str] = None, altub: bool = True,

@@ -10,6 +10,7 @@ features).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
@@ -51,3 +52,13 @@ class TrainableFlow(Protocol):
     def calibrate(self, batches: Iterable) -> Tensor: ...
 
     def scoring_rules(self) -> Dict[str, str]: ...
+
+
+def config_dict(config: Any) -> Dict[str, Any]:
+    """A model's ``config`` as a plain dict (what checkpoints store): a dataclass with ``to_dict()``,
+    any other dataclass, or a dict (the form older code used)."""
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config)
