@@ -1,4 +1,6 @@
-"""The functional API: one entry per fused op, choosing the implementation per call.
+"""The functional API: one entry per fused op, choosing the implementation per call
+(:func:`altub_fast.backend.resolve_impl`; ``resolve_impl``, ``triton_unavailable_reason``,
+``default_impl``, ``IMPLS`` and ``KERNEL_DTYPES`` are re-exported from there).
 
 ``ALTUB_FAST_IMPL`` (auto | triton | torch), overridable per call with ``impl=``:
 - auto: Triton when the tensors are on CUDA (or on CPU with ``TRITON_INTERPRET=1``), Triton
@@ -11,80 +13,30 @@ Nothing here imports Triton at module import time: the kernels are imported lazi
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
-
-IMPLS = ("auto", "triton", "torch")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import backend, reference
 
 #: How many calls each implementation served, per op ("coupling_forward:triton", ...). Tests use
 #: it to prove which path ran; it costs one dict update per call.
 CALLS: Counter = Counter()
+
+# The backend decision lives in altub_fast.backend; these names stay importable from here.
+IMPLS = backend.IMPLS
+KERNEL_DTYPES = backend.KERNEL_DTYPES
+default_impl = backend.default_impl
+triton_unavailable_reason = backend.unavailable_reason
+resolve_impl = backend.resolve_impl
 
 
 def _count(key: str) -> None:
     # Not under torch.compile: dynamo would guard on the counter's value and recompile every call.
     if not torch.compiler.is_compiling():
         CALLS[key] += 1
-
-
-def default_impl() -> str:
-    impl = os.environ.get("ALTUB_FAST_IMPL", "auto").strip().lower() or "auto"
-    if impl not in IMPLS:
-        raise ValueError(f"ALTUB_FAST_IMPL must be one of {IMPLS}, got {impl!r}")
-    return impl
-
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_unavailable_reason(*tensors: Tensor) -> Optional[str]:
-    """None if the Triton kernels can run on these tensors, else a sentence saying why not."""
-    t = tensors[0]
-    if t.device.type == "cuda":
-        pass
-    elif t.device.type == "cpu":
-        if not _interpreter():
-            return ("the tensors are on the CPU and TRITON_INTERPRET=1 is not set (set it before "
-                    "triton is imported to run the kernels in Triton's interpreter)")
-    else:
-        return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not on {t.device.type}"
-    if any(x.device != t.device for x in tensors):
-        return "the tensors are on different devices: " + ", ".join(sorted({str(x.device) for x in tensors}))
-    for x in tensors:
-        if x.dtype not in KERNEL_DTYPES:
-            return f"the kernels take float32, float16 and bfloat16, not {x.dtype}"
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            return "Triton's interpreter cannot do bfloat16 arithmetic (bfloat16 runs on CUDA only)"
-    if not hasattr(torch.library, "custom_op"):
-        return f"the kernels' autograd needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}"
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton cannot be imported ({type(e).__name__}: {e})"
-    return None
-
-
-def resolve_impl(impl: Optional[str], *tensors: Tensor) -> str:
-    """'triton' or 'torch' for this call."""
-    impl = default_impl() if impl is None else impl.lower()
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return "torch"
-    reason = triton_unavailable_reason(*tensors)
-    if reason is None:
-        return "triton"
-    if impl == "triton":
-        raise RuntimeError(f"impl='triton' was asked for but cannot run: {reason}")
-    return "torch"
 
 
 def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,

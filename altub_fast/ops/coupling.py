@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import backend, reference
 
 if not hasattr(torch.library, "custom_op"):  # pragma: no cover - old torch
     raise ImportError("altub_fast.ops.coupling needs torch >= 2.4 (torch.library.custom_op, "
@@ -44,7 +44,6 @@ LAUNCHES: Counter = Counter()
 
 CLAMP_CODES = {"legacy": 0, "freia": 1, "atan": 2}
 AFFINE_CODES = {"SOFTPLUS": 0, "SIGMOID": 1, "EXP": 2}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _TILE = 1024            # elements per [BLOCK_C, BLOCK_P] register tile
 _PROGRAMS_PER_SM = 4    # split channels into groups until the grid has this many programs per SM
@@ -185,9 +184,6 @@ def _check(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor, pe
         raise ValueError(f"clamp_mode must be one of {tuple(CLAMP_CODES)}, got {clamp_mode!r}")
     if affine_type not in AFFINE_CODES:
         raise ValueError(f"global_affine_type must be one of {tuple(AFFINE_CODES)}, got {affine_type!r}")
-    for name, t in (("x", x), ("a", a)):
-        if t.dtype not in DTYPES:
-            raise TypeError(f"the coupling kernels take float32, float16 and bfloat16; {name} is {t.dtype}")
     named = [("global_scale", global_scale), ("global_offset", global_offset), ("mu", mu),
              ("log_sigma", log_sigma)]
     for name, t in named:
@@ -206,22 +202,8 @@ def _check(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor, pe
     tensors = [("x", x), ("a", a)] + [(n, t) for n, t in named if t is not None]
     if perm is not None:
         tensors.append(("perm", perm))
-    devs = {t.device for _, t in tensors}
-    if len(devs) > 1:
-        raise ValueError("all tensors must be on one device, got " +
-                         ", ".join(f"{n}: {t.device}" for n, t in tensors))
-    dev = x.device
-    if dev.type == "cpu":
-        if not interpreter_active():
-            raise RuntimeError(
-                "the Triton coupling kernels got CPU tensors but were not built for Triton's "
-                "interpreter: set TRITON_INTERPRET=1 before triton is first imported (or use the "
-                "reference, impl='torch')")
-        if torch.bfloat16 in (x.dtype, a.dtype):
-            raise TypeError("Triton's interpreter cannot do bfloat16 arithmetic (bfloat16 runs on CUDA only)")
-    elif dev.type != "cuda":
-        raise RuntimeError(f"the Triton coupling kernels run on CUDA (or CPU under TRITON_INTERPRET=1), "
-                           f"not on {dev.type}")
+    # devices, dtypes and the interpreter: the backend's checks (looked up here at call time)
+    backend.check_kernel_tensors(tensors, [("x", x), ("a", a)], lambda: interpreter_active(), "coupling")
     return C, C1, C2
 
 
