@@ -34,7 +34,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from _common import fastflow_subnet, interleaved_ratio  # noqa: E402
 
-from altub_fast.nn.cpu_fast import _max_rel_diff as _rel  # noqa: E402
+from altub_fast.nn.cpu_common import max_rel_diff as _rel  # noqa: E402
 
 CL = torch.channels_last
 

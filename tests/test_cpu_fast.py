@@ -1,4 +1,4 @@
-"""The CPU fast path (altub_fast.nn.cpu_fast): when it applies, that it runs, that it changes no
+"""The CPU fast path (altub_fast.nn.cpu_fast; cpu_fold and cpu_pack): when it applies, that it runs, that it changes no
 number (channels_last, the BatchNorm fold and its cache), and that torch.compile of a flow compiles
 once instead of on every call."""
 import warnings
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import altub_fast
 from altub_fast.models import CFlow, FastFlow
-from altub_fast.nn import cpu_fast
+from altub_fast.nn import cpu_fast, cpu_fold, cpu_pack
 
 from _helpers import load_benchmark_script, make_subnet
 
@@ -104,12 +104,12 @@ def test_model_on_the_fast_path_gives_the_reference_numbers(user_cpu, model_name
     for f, r in zip(feats, feats_ref):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
     # ... with every BatchNorm folded, on a copy: the model is untouched
-    assert fast.backbone in cpu_fast._FOLDS and ref.backbone not in cpu_fast._FOLDS
+    assert fast.backbone in cpu_fold._FOLDS and ref.backbone not in cpu_fold._FOLDS
     twin = cpu_fast.folded_backbone(fast.backbone, images)
-    assert twin is cpu_fast._FOLDS[fast.backbone][1]
+    assert twin is cpu_fold._FOLDS[fast.backbone].folded
     assert twin is not fast.backbone
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
-    assert n_bn >= 15 and sum(m.forward is cpu_fast._identity for m in twin.modules()
+    assert n_bn >= 15 and sum(m.forward is cpu_fold._identity for m in twin.modules()
                               if isinstance(m, nn.BatchNorm2d)) == n_bn
     assert not any("forward" in vars(m) for m in fast.backbone.modules())
     assert fast.state_dict().keys() == ref.state_dict().keys()
@@ -187,7 +187,7 @@ def test_fold_gives_the_plain_numbers_and_follows_weight_changes(user_cpu):
     x = torch.randn(2, 3, 8, 8)
     out = cpu_fast.run_backbone(m, x)
     twin = cpu_fast.folded_backbone(m, x)
-    assert twin is not m and twin.bn.forward is cpu_fast._identity and twin.bn2.forward is cpu_fast._identity
+    assert twin is not m and twin.bn.forward is cpu_fold._identity and twin.bn2.forward is cpu_fold._identity
     torch.testing.assert_close(out[0], m(x)[0], atol=1e-5, rtol=1e-5)
     assert cpu_fast.folded_backbone(m, x) is twin          # cached while nothing changes
     # new weights (as load_state_dict copies them in): the copy is rebuilt and follows them
@@ -230,7 +230,7 @@ def test_efficientnet_lite0_folds_every_batchnorm(user_cpu):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     twin = cpu_fast.folded_backbone(fast.backbone, images)
     bns = [m for m in twin.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(m.forward is cpu_fast._identity for m in bns)
+    assert bns and all(m.forward is cpu_fold._identity for m in bns)
     for f, r in zip(fast.extract_features(images), fast.backbone(images)):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
 
@@ -257,10 +257,15 @@ def _conv_subnet(c_in=4, c_out=8, k=3):
     return nn.Sequential(nn.Conv2d(c_in, c_in, k, padding=k // 2), nn.ReLU(), nn.Conv2d(c_in, c_out, k, padding=k // 2))
 
 
+def _kinds(steps):
+    """A packed subnet's steps by kind: "conv" (packed) or "module" (runs as is)."""
+    return ["conv" if isinstance(s, cpu_pack.PackedConv) else "module" for s in steps]
+
+
 @pytest.fixture
 def pack_small(monkeypatch):
     """Pack the tests' small convolutions too (the default packs only from 256 input channels)."""
-    monkeypatch.setattr(cpu_fast, "PACK_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cpu_pack, "PACK_MIN_CHANNELS", 1)
 
 
 def test_packed_subnet_gives_the_plain_numbers_and_follows_weights_and_shapes(user_cpu, pack_small):
@@ -269,14 +274,14 @@ def test_packed_subnet_gives_the_plain_numbers_and_follows_weights_and_shapes(us
     with torch.no_grad():
         ref = net(x)
         out = cpu_fast.run_subnet(net, x)                 # packs, checks, returns the plain result
-        steps = cpu_fast._PACKS[net][2]
-        assert [s[0] for s in steps] == ["conv", "conv"] and steps[0][4] and not steps[1][4]   # ReLU fused
+        steps = cpu_pack._PACKS[net].steps
+        assert _kinds(steps) == ["conv", "conv"] and steps[0].relu and not steps[1].relu   # ReLU fused
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(cpu_fast.run_subnet(net, x), ref, atol=1e-5, rtol=1e-5)   # packed run
-        assert cpu_fast._PACKS[net][2] is steps                                   # cached
+        assert cpu_pack._PACKS[net].steps is steps                                   # cached
         x3 = torch.randn(3, 4, 5, 7)                                                        # new shape: repacked
         torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
-        assert cpu_fast._PACKS[net][1] == (3, 4, 5, 7)
+        assert cpu_pack._PACKS[net].shape == (3, 4, 5, 7)
         net[2].weight.mul_(-2.0)                                                            # edited in place
         torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3), atol=1e-5, rtol=1e-5)
@@ -286,20 +291,25 @@ def test_packed_subnet_gives_the_plain_numbers_and_follows_weights_and_shapes(us
         assert cpu_fast.packs(x) and not cpu_fast.packs(x, "torch") and not cpu_fast.packs(x.double())
         one = _conv_subnet(k=1)
         cpu_fast.run_subnet(one, x)
-        assert cpu_fast._PACKS[one][2] is None
+        assert cpu_pack._PACKS[one].steps is None
         wrapped = nn.ModuleList([net])
-        assert cpu_fast._pack_steps(wrapped, x.shape) is None
+        assert cpu_pack._pack_steps(wrapped, x.shape) is None
 
 
 def test_packed_subnet_that_disagrees_is_refused_with_a_warning(user_cpu, pack_small, monkeypatch):
     net = _conv_subnet()
     x = torch.randn(2, 4, 6, 6)
-    monkeypatch.setattr(cpu_fast, "_run_steps", lambda steps, x: torch.zeros(2, 8, 6, 6))
+    monkeypatch.setattr(cpu_pack, "_run_steps", lambda steps, x: torch.zeros(2, 8, 6, 6))
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="packed convolutions differed"):
             out = cpu_fast.run_subnet(net, x)
         torch.testing.assert_close(out, net(x))
         torch.testing.assert_close(cpu_fast.run_subnet(net, x), net(x))   # plain from then on
+        entry = cpu_pack._PACKS[net]
+        assert entry.refused and entry.steps is None
+        x3 = torch.randn(3, 4, 5, 7)                                        # for every shape, no repacking
+        torch.testing.assert_close(cpu_fast.run_subnet(net, x3), net(x3))
+        assert cpu_pack._PACKS[net] is entry
 
 
 def test_flow_inference_on_packed_subnets_matches_the_reference(user_cpu, pack_small):
@@ -323,19 +333,19 @@ def test_flow_inference_on_packed_subnets_matches_the_reference(user_cpu, pack_s
     import copy
     import pickle
     twin = copy.deepcopy(fast)                     # the caches stay outside the modules
-    assert twin[0].subnet not in cpu_fast._PACKS and len(pickle.dumps(fast)) > 0
-    assert [cpu_fast._PACKS.get(b.subnet, (0, 0, None))[2] is not None for b in fast] == [True, False, True]
+    assert twin[0].subnet not in cpu_pack._PACKS and len(pickle.dumps(fast)) > 0
+    assert [getattr(cpu_pack._PACKS.get(b.subnet), "steps", None) is not None for b in fast] == [True, False, True]
 
 
 def test_only_wide_convolutions_are_packed(user_cpu):
     """The default rule: a convolution is packed from PACK_MIN_CHANNELS input channels (where it won)."""
     wide = cpu_fast.PACK_MIN_CHANNELS
     x_narrow, x_wide = torch.randn(1, 8, 4, 4), torch.randn(1, wide, 4, 4)
-    assert cpu_fast._pack_steps(_conv_subnet(8, 8), x_narrow.shape) is None
+    assert cpu_pack._pack_steps(_conv_subnet(8, 8), x_narrow.shape) is None
     torch.manual_seed(0)
     mixed = nn.Sequential(nn.Conv2d(wide, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, wide, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(wide, 4, 3, padding=1))
-    steps = cpu_fast._pack_steps(mixed, x_wide.shape)
-    assert [s[0] for s in steps] == ["conv", "module", "module", "conv"]
+    steps = cpu_pack._pack_steps(mixed, x_wide.shape)
+    assert _kinds(steps) == ["conv", "module", "module", "conv"]
     with torch.no_grad():
-        torch.testing.assert_close(cpu_fast._run_steps(steps, x_wide), mixed(x_wide), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpu_pack._run_steps(steps, x_wide), mixed(x_wide), atol=1e-5, rtol=1e-5)
