@@ -34,7 +34,7 @@ def test_trainer_never_trains_on_the_heldout_images():
     assert sorted(data.reads) == tr.split.train_indices
     data.reads.clear()
     tr.build_cache()
-    assert sorted(data.reads) == tr.split.train_indices and tr._cache[0].shape[0] == 15
+    assert sorted(data.reads) == tr.split.train_indices and tr.features.train_cache[0].shape[0] == 15
 
 
 def test_split_recorded_in_checkpoint_and_restored_on_resume(tmp_path):

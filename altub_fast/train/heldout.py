@@ -113,6 +113,15 @@ def make_split(data: Dataset, heldout: Optional[Dataset], fraction: float, seed:
                         None if files is None else [files[i] for i in held_idx])
 
 
+def split_datasets(split: HeldoutSplit, data: Dataset, heldout: Optional[Dataset]) -> Tuple[Dataset, Optional[Dataset]]:
+    """(the images ``split`` trains on, the images it holds out or None) of training data ``data``
+    and the separate held-out set ``heldout``."""
+    train = data if split.train_indices is None else Subset(data, split.train_indices)
+    if split.source == "fraction":
+        return train, Subset(data, split.heldout_indices)
+    return train, heldout if split.source == "validation" else None
+
+
 def check_same_data(split: HeldoutSplit, data: Dataset, heldout: Optional[Dataset], where: str) -> None:
     """Raise if ``data`` (and ``heldout``) are not the images ``split`` was made from (its length
     and, where both sides know them, its files), naming the first difference."""

@@ -18,21 +18,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..metrics import threshold_at_fpr
 from ..models.backbones import NonFiniteError
-from .batches import dataset_of, epoch_batches, make_loader
-from .cache import autocast, build_feature_cache, cached_batches, check_feature_cache, extracted_batches
+from .batches import dataset_of, epoch_batches
+from .cache import autocast
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
                          rng_state, set_rng_state)
 from .distributed import StepModule, all_true, broadcast_floats, setup_distributed
-from .heldout import HeldoutSplit, check_same_data, make_split
+from .features import FeatureSource
+from .heldout import HeldoutSplit, check_same_data, make_split, split_datasets
 from .schedule import TrainConfig, make_config
 from .stats import ZStats, format_record, progress_text, scale_stats
 from .stopping import best_epoch, stop_reason
-from .validation import fixed_subset, mean_nll, require_nll
+from .validation import mean_nll, require_nll
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,16 @@ class AltUBTrainer:
         if cfg.amp and self.device.type != "cuda":
             warnings.warn("amp=True: bfloat16 autocast runs on CUDA only; training on the CPU in float32")
         self.model = model.to(self.device)
-        self.data, loader_bs, loader_workers, self.collate_fn = dataset_of(data)
+        self.data, loader_bs, loader_workers, collate_fn = dataset_of(data)
         self.heldout_data = dataset_of(heldout)[0] if heldout is not None else None
+        self.batch_size = int(cfg.batch_size or loader_bs or 32)
+        self.features = FeatureSource(
+            model, device=self.device, batch_size=int(cfg.extract_batch_size or self.batch_size), seed=int(cfg.seed),
+            rank=self.rank, num_workers=cfg.num_workers or loader_workers, collate_fn=collate_fn, amp=cfg.amp,
+            check_finite=cfg.check_finite, cache_device=torch.device(cfg.cache_device) if cfg.cache_device else None,
+            progress=self._progress)
         seed = cfg.heldout_seed if cfg.heldout_seed is not None else cfg.seed
         self._use_split(make_split(self.data, self.heldout_data, cfg.heldout_fraction, seed))
-        self.batch_size = int(cfg.batch_size or loader_bs or 32)
-        self.num_workers = cfg.num_workers or loader_workers
         self.altub = bool(getattr(model, "altub", False))
         self.schedule = cfg.schedule
 
@@ -110,9 +114,6 @@ class AltUBTrainer:
         self.best_checkpoint: Optional[str] = None
         self.stop_reason: Optional[str] = None
         self.threshold: Optional[dict] = None   # set by calibrate_checkpoints() for the current model
-        self._cache: Optional[List[Tensor]] = None
-        self.cache_seconds: Optional[float] = None
-        self._heldout_cache: Optional[List[Tensor]] = None
         # the NLL in nats per dimension (validation.py): held-out every epoch, training on a fixed subset
         self.nll_enabled = callable(getattr(model, "nll_per_dim", None)) and cfg.evaluate_nll
         if self.heldout_dataset is not None and cfg.evaluate_nll:
@@ -121,15 +122,22 @@ class AltUBTrainer:
     def _use_split(self, split: HeldoutSplit) -> None:
         """Train on ``split``'s training images (``self.dataset``); hold out the rest (``self.heldout_dataset``)."""
         self.split = split
-        self.dataset = self.data if split.train_indices is None else Subset(self.data, split.train_indices)
-        if split.source == "fraction":
-            self.heldout_dataset = Subset(self.data, split.heldout_indices)
-        elif split.source == "validation":
-            self.heldout_dataset = self.heldout_data
-        else:
-            self.heldout_dataset = None
-        if len(self.dataset) == 0:
-            raise ValueError("the training set is empty")
+        self.features.use(*split_datasets(split, self.data, self.heldout_data))
+
+    @property
+    def dataset(self):
+        """The training images (those of the held-out split's training side)."""
+        return self.features.train_set
+
+    @property
+    def heldout_dataset(self):
+        """The held-out normal images, or None."""
+        return self.features.heldout_set
+
+    @property
+    def cache_seconds(self) -> Optional[float]:
+        """How long building the training feature cache took (None: not built here)."""
+        return self.features.cache_seconds
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -161,76 +169,26 @@ class AltUBTrainer:
         return epoch_batches(len(self.dataset), self.batch_size, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
                              rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last)
 
-    def _loader(self, batch_sampler, seed: int) -> DataLoader:
-        return make_loader(self.dataset, batch_sampler, seed, num_workers=self.num_workers,
-                           pin_memory=self.device.type == "cuda", collate_fn=self.collate_fn)
-
-    def _cache_device(self) -> torch.device:
-        return torch.device(self.config.cache_device) if self.config.cache_device else self.device
-
     def build_cache(self) -> List[Tensor]:
         """Run every training image through the frozen backbone once; returns per-scale tensors
         (N, C, h, w) in dataset order (on ``cache_device``; bfloat16 under ``amp`` on CUDA).
         Under DDP every rank caches the whole set (each epoch's shard differs), which costs one
         pass of backbone forwards per rank and the cache's memory on every rank."""
-        cfg = self.config
-        n = len(self.dataset)
-        bs = int(cfg.extract_batch_size or self.batch_size)
-        batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
-        t0 = time.perf_counter()
-        self._cache = build_feature_cache(
-            self.model, self._loader(batches, int(cfg.seed)), n, device=self.device,
-            cache_device=self._cache_device(), amp=cfg.amp, check=cfg.check_finite,
-            progress=lambda it, **kw: self._progress(iterable=it, total=len(batches), **kw))
-        self.cache_seconds = time.perf_counter() - t0
-        return self._cache
+        return self.features.build_train_cache()
 
     def set_feature_cache(self, features: Sequence[Tensor]) -> None:
         """Use precomputed backbone features of the whole training set, in dataset order (per
         scale, (N, C, h, w), as :meth:`build_cache` makes them): runs that share a training set can
         extract it once. Checked against the dataset's length and the model's scales."""
-        feats = check_feature_cache(features, len(self.dataset), getattr(self.model, "num_scales", None))
-        self._cache = [f.to(self._cache_device()) for f in feats]
-
-    def _index_batches(self, n: int) -> List[Tensor]:
-        bs = int(self.config.extract_batch_size or self.batch_size)
-        return [torch.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
+        self.features.set_train_cache(features)
 
     def build_heldout_cache(self) -> List[Tensor]:
         """The held-out images' backbone features, extracted once (like :meth:`build_cache`)."""
-        if self.heldout_dataset is None:
-            raise ValueError("no held-out images (give heldout= or heldout_fraction > 0)")
-        cfg = self.config
-        n = len(self.heldout_dataset)
-        batches = [b.tolist() for b in self._index_batches(n)]
-        loader = make_loader(self.heldout_dataset, batches, int(cfg.seed), num_workers=self.num_workers,
-                             pin_memory=self.device.type == "cuda", collate_fn=self.collate_fn)
-        self._heldout_cache = build_feature_cache(
-            self.model, loader, n, device=self.device, cache_device=self._cache_device(), amp=cfg.amp,
-            check=cfg.check_finite, what="held-out images",
-            progress=lambda it, **kw: self._progress(iterable=it, total=len(batches), **kw))
-        return self._heldout_cache
+        return self.features.build_heldout_cache()
 
     def heldout_feature_batches(self) -> Iterable[List[Tensor]]:
         """The held-out images' features, batch by batch, in order (cached, or extracted now)."""
-        if self.heldout_dataset is None:
-            raise ValueError("no held-out images (give heldout= or heldout_fraction > 0)")
-        batches = self._index_batches(len(self.heldout_dataset))
-        if self._heldout_cache is not None:
-            return cached_batches(self._heldout_cache, batches, self.device)
-        loader = make_loader(self.heldout_dataset, [b.tolist() for b in batches], int(self.config.seed),
-                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                             collate_fn=self.collate_fn)
-        return extracted_batches(self.model, loader, self.device, self.config.amp)
-
-    def _train_nll_batches(self) -> Iterable[List[Tensor]]:
-        """The fixed subset of training images the training NLL is measured on, batch by batch."""
-        idx = torch.tensor(fixed_subset(len(self.dataset), int(self.config.train_nll_images), int(self.config.seed)))
-        batches = list(idx.split(int(self.config.extract_batch_size or self.batch_size)))
-        if self._cache is not None:
-            return cached_batches(self._cache, batches, self.device)
-        loader = self._loader([b.tolist() for b in batches], int(self.config.seed))
-        return extracted_batches(self.model, loader, self.device, self.config.amp)
+        return self.features.heldout_batches()
 
     def evaluate_nll(self) -> dict:
         """{"heldout_nll", "train_nll"}: mean NLL in nats per dimension of the held-out images and
@@ -239,19 +197,12 @@ class AltUBTrainer:
         if self.nll_enabled and self.heldout_dataset is not None:
             held = mean_nll(self.model, self.heldout_feature_batches())
         if self.nll_enabled and self.config.train_nll_images > 0:
-            train = mean_nll(self.model, self._train_nll_batches())
+            train = mean_nll(self.model, self.features.train_nll_batches(self.config.train_nll_images))
         if self.world_size > 1:   # every rank computed the same; rank 0's numbers decide for all
             sent = broadcast_floats([float("nan") if v is None else v for v in (held, train)],
                                     self.world_size, self.device)
             held, train = [None if v is None else b for v, b in zip((held, train), sent)]
         return {"heldout_nll": held, "train_nll": train}
-
-    def _feature_batches(self, batches: List[Tensor], epoch: int) -> Iterable[List[Tensor]]:
-        if self._cache is not None:
-            return cached_batches(self._cache, batches, self.device)
-        seed = (int(self.config.seed) * 100_003 + epoch) * 1009 + self.rank
-        return extracted_batches(self.model, self._loader([b.tolist() for b in batches], seed), self.device,
-                                 self.config.amp)
 
     # ------------------------------------------------------------------ one update
     def is_base_only(self, step: int, epoch: int) -> bool:
@@ -339,9 +290,10 @@ class AltUBTrainer:
         self.stop_reason = self._stop_reason(auto, target)
         if self.stop_reason is not None:
             return self.history
-        if cfg.cache_features and self._cache is None:
+        if cfg.cache_features and self.features.train_cache is None:
             self.build_cache()
-        if cfg.cache_features and self.nll_enabled and self.heldout_dataset is not None and self._heldout_cache is None:
+        if (cfg.cache_features and self.nll_enabled and self.heldout_dataset is not None
+                and self.features.heldout_cache is None):
             self.build_heldout_cache()
         jsonl = cfg.log_jsonl
         if jsonl and self.is_main:
@@ -461,7 +413,7 @@ class AltUBTrainer:
         t0 = time.perf_counter()
         n_images = 0
         bar = self._progress(total=len(batches), desc=f"epoch {epoch + 1}/{total_epochs or cfg.epochs}", leave=False)
-        for feats in self._feature_batches(batches, epoch):
+        for feats in self.features.train_batches(batches, epoch):
             n_images += feats[0].shape[0]
             for unit in self.model.training_units(feats, generator=gen):
                 out = self.update(unit, epoch=epoch)
@@ -497,7 +449,7 @@ class AltUBTrainer:
                   "base_only_updates": counts["base"], "skipped_updates": counts["skipped"],
                   "global_step": self.global_step, "lr": self.flow_lr(), "base_lr": self.base_lr(),
                   "time_s": elapsed, "images_per_s": n_images / elapsed if elapsed > 0 else float("nan"),
-                  "cached_features": self._cache is not None, "scales": self.scale_stats(zstats)}
+                  "cached_features": self.features.train_cache is not None, "scales": self.scale_stats(zstats)}
         return record
 
     def model_channels(self) -> List[int]:
@@ -610,9 +562,7 @@ class AltUBTrainer:
         if self.split.source != "none" or split.source != "none":
             warnings.warn(f"resuming from {path}: its held-out split ({split.describe()}) replaces the one "
                           f"these options asked for ({self.split.describe()})")
-        self._use_split(split)
-        self._cache = None    # built for the other split
-        self._heldout_cache = None
+        self._use_split(split)    # (and forget the caches built for the other split)
 
     @classmethod
     def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, heldout=None,
