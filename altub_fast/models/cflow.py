@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
-from .backbones import (EFFICIENTNET_LITE0, FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name,
-                        build_backbone, is_vit_name, nonfinite_flow_parts)
+from .backbones import (EFFICIENTNET_LITE0, FeatureExtractor, ImageSize, NonFiniteError, base_name, build_backbone,
+                        is_vit_name, nonfinite_flow_parts)
 from .common import FlowModel
+from .config import CFlowConfig, setting
 from .scoring import MapScorer, ScaleLogLik
 
 Features = Union[List[Tensor], Tuple[Tensor, ...]]
@@ -92,12 +93,26 @@ class CFlow(FlowModel):
       score, image_score, topk_fraction: the anomaly map and image score (see
         :mod:`altub_fast.models.scoring`; default "fastflow" and "topk", the top-1 % mean).
       feature_blocks: efficientnet_lite0's blocks to take features from (default 4, 10, 15).
+
+    The arguments live in ``self.config``, a resolved :class:`~altub_fast.models.config.CFlowConfig`
+    (``self.condition_dim`` and the other settings read it); ``CFlow.from_config(config)`` builds the
+    model a config, or a checkpoint's stored dict, describes.
     """
 
-    model_name = "cflow"
+    config_class = CFlowConfig
+    model_name = CFlowConfig.name
     default_lr = 2e-4
     default_weight_decay = 0.0
     has_unused_parameters = True  # one update trains one layer's decoder (DDP's find_unused_parameters)
+
+    # settings, read from self.config (the single source of the arguments)
+    altub = setting()
+    condition_dim = setting()
+    coupling_blocks = setting()
+    clamp = setting()
+    fiber_batch_size = setting()
+    check_finite = setting(writable=True)
+    inference_chunk = setting(writable=True)
 
     def __init__(self, backbone: Union[str, FeatureExtractor] = "wide_resnet50_2", *, image_size: ImageSize = 256,
                  pretrained: bool = True, weights: Optional[str] = None, altub: bool = True,
@@ -107,45 +122,36 @@ class CFlow(FlowModel):
                  inference_chunk: int = 65536, score: Optional[str] = None, image_score: Optional[str] = None,
                  topk_fraction: Optional[float] = None, feature_blocks: Optional[Sequence[int]] = None):
         super().__init__()
-        if condition_dim % 4 != 0:
-            raise ValueError(f"condition_dim must be a multiple of 4, got {condition_dim}")
-        self.image_size = as_hw(image_size)
-        if isinstance(backbone, FeatureExtractor):
-            self.backbone = backbone
-        else:
-            if is_vit_name(backbone):
-                raise ValueError("CFlow takes CNN backbones (multi-scale feature maps), not transformers "
-                                 f"such as {backbone!r}")
-            effnet = base_name(backbone) == EFFICIENTNET_LITE0
-            idx = None if effnet else (tuple(out_indices) if out_indices is not None else (2, 3, 4))
-            self.backbone = build_backbone(backbone, pretrained=pretrained, weights=weights, out_indices=idx,
-                                           image_size=self.image_size, feature_blocks=feature_blocks)
+        extractor = backbone if isinstance(backbone, FeatureExtractor) else None
+        given = CFlowConfig(
+            backbone=backbone.name if extractor is not None else backbone, image_size=image_size,
+            pretrained=pretrained, weights=weights, altub=altub, out_indices=out_indices, condition_dim=condition_dim,
+            coupling_blocks=coupling_blocks, clamp=clamp, fiber_batch_size=fiber_batch_size,
+            permute_soft=permute_soft, clamp_mode=clamp_mode, impl=impl, check_finite=check_finite,
+            inference_chunk=inference_chunk, score=score, image_score=image_score, topk_fraction=topk_fraction,
+            feature_blocks=feature_blocks)
+        self.backbone = extractor if extractor is not None else self._build_backbone(given)
         if self.backbone.kind == "vit":
             raise ValueError("CFlow takes CNN backbones (multi-scale feature maps), not transformers")
-        self.altub = bool(altub)
-        self.condition_dim = int(condition_dim)
-        self.coupling_blocks = int(coupling_blocks)
-        self.clamp = float(clamp)
-        self.fiber_batch_size = int(fiber_batch_size)
-        self.check_finite = bool(check_finite)
-        self.inference_chunk = int(inference_chunk)
+        self.config = cfg = given.resolved(self.backbone)
         self.channels = list(self.backbone.channels)
         self.feature_shapes = self.backbone.feature_shapes(self.image_size)
-        self.decoders = nn.ModuleList([cflow_decoder(c, self.condition_dim, self.coupling_blocks, self.clamp,
-                                                     permute_soft, clamp_mode, impl) for c in self.channels])
-        self.bases = nn.ModuleList([LearnableGaussian(c, learnable=self.altub) for c in self.channels])
+        self.decoders = nn.ModuleList([cflow_decoder(c, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp,
+                                                     cfg.permute_soft, cfg.clamp_mode, cfg.impl) for c in self.channels])
+        self.bases = nn.ModuleList([LearnableGaussian(c, learnable=cfg.altub) for c in self.channels])
         self._pos_cache: Dict[Tuple[int, int, str], Tensor] = {}
-        self.scorer = MapScorer(len(self.channels), self.image_size, score, image_score, topk_fraction)
-        blocks = getattr(self.backbone, "feature_blocks", None)
-        self.config = dict(name=self.model_name, backbone=self.backbone.name, image_size=list(self.image_size),
-                           pretrained=pretrained, weights=weights, altub=self.altub,
-                           out_indices=list(out_indices) if out_indices is not None else None,
-                           condition_dim=self.condition_dim, coupling_blocks=self.coupling_blocks, clamp=self.clamp,
-                           fiber_batch_size=self.fiber_batch_size, permute_soft=permute_soft, clamp_mode=clamp_mode,
-                           impl=impl, backbone_weights_origin=self.backbone.weights_origin,
-                           inference_chunk=self.inference_chunk, score=self.scorer.mode,
-                           image_score=self.scorer.image_rule, topk_fraction=self.scorer.topk_fraction,
-                           feature_blocks=list(blocks) if blocks is not None else None)
+        self.scorer = MapScorer(len(self.channels), self.image_size, cfg.score, cfg.image_score, cfg.topk_fraction)
+
+    @staticmethod
+    def _build_backbone(config: CFlowConfig) -> FeatureExtractor:
+        """The backbone a config names: a CNN (layer2/3/4 by default; efficientnet_lite0 its blocks)."""
+        if is_vit_name(config.backbone):
+            raise ValueError("CFlow takes CNN backbones (multi-scale feature maps), not transformers "
+                             f"such as {config.backbone!r}")
+        effnet = base_name(config.backbone) == EFFICIENTNET_LITE0
+        idx = None if effnet else (tuple(config.out_indices) if config.out_indices is not None else (2, 3, 4))
+        return build_backbone(config.backbone, pretrained=config.pretrained, weights=config.weights, out_indices=idx,
+                              image_size=tuple(config.image_size), feature_blocks=config.feature_blocks)
 
     # ------------------------------------------------------------------ parameter groups
     @property

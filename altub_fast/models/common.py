@@ -2,23 +2,45 @@
 the scoring protocol (per-scale log-likelihoods -> :class:`~altub_fast.models.scoring.MapScorer`)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..nn import cpu_fast
-from .backbones import NonFiniteError
+from .backbones import FeatureExtractor, NonFiniteError
+from .config import ModelConfig
 from .scoring import MapScorer, ScaleLogLik, concat_parts
 
 
 class FlowModel(nn.Module):
-    """Base of the flow models. Subclasses set ``self.backbone`` (a frozen FeatureExtractor),
-    ``self.bases`` (one LearnableGaussian per scale or layer) and ``self.scorer`` (a MapScorer), and
-    implement ``flow_parameters``, ``_as_features``, ``score_parts`` and ``nll_per_dim``."""
+    """Base of the flow models. Subclasses name their ``config_class`` (a
+    :class:`~altub_fast.models.config.ModelConfig`), set ``self.config`` (resolved), ``self.backbone``
+    (a frozen FeatureExtractor), ``self.bases`` (one LearnableGaussian per scale or layer) and
+    ``self.scorer`` (a MapScorer), and implement ``flow_parameters``, ``_as_features``,
+    ``score_parts`` and ``nll_per_dim``; :class:`~altub_fast.models.protocol.TrainableFlow` lists
+    what the trainer uses."""
 
+    config_class: Type[ModelConfig]
+    config: ModelConfig
     scorer: MapScorer
+
+    @classmethod
+    def from_config(cls, config: Union[ModelConfig, Mapping], backbone: Optional[FeatureExtractor] = None):
+        """The model ``config`` describes: a config of this model, or a dict of its options such as
+        checkpoints store (read by ``config_class.from_dict``). A ready ``backbone`` replaces the
+        config's backbone name."""
+        if not isinstance(config, cls.config_class):
+            config = cls.config_class.from_dict(config)
+        args = config.arguments()
+        name = args.pop("backbone")
+        return cls(backbone if backbone is not None else name, **args)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """(H, W), the input size the model was built for."""
+        return tuple(self.config.image_size)
 
     def base_parameters(self) -> List[nn.Parameter]:
         """theta_base: mu and log sigma of every scale (empty when altub=False)."""
@@ -37,7 +59,7 @@ class FlowModel(nn.Module):
         """The frozen backbone's raw feature maps."""
         self._check_images(images)
         self.backbone.eval()
-        return cpu_fast.run_backbone(self.backbone, images, self.config.get("impl"))
+        return cpu_fast.run_backbone(self.backbone, images, self.config.impl)
 
     # ------------------------------------------------------------------ scoring
     def score_parts(self, x) -> List[ScaleLogLik]:  # pragma: no cover - abstract
@@ -68,7 +90,7 @@ class FlowModel(nn.Module):
         :mod:`altub_fast.models.scoring`). Each image's map depends on that image and the model
         alone (its calibration constants), never on the other images of the batch."""
         maps, scores = self.scorer(self.score_parts(x), size=self._out_size(x))
-        if getattr(self, "check_finite", True) and not bool(torch.isfinite(maps).all()):
+        if self.check_finite and not bool(torch.isfinite(maps).all()):
             raise NonFiniteError(f"{type(self).__name__} anomaly map holds NaN/Inf (score={self.score_mode!r}, "
                                  f"calibrated={self.calibrated})")
         return maps, scores

@@ -19,20 +19,10 @@ from torch import Tensor
 
 from ..nn import AllInOneBlock, LearnableGaussian, SequenceINN
 from ..reference import LOG_2PI
-from .backbones import (FeatureExtractor, ImageSize, NonFiniteError, as_hw, base_name, build_backbone,
-                        nonfinite_flow_parts)
+from .backbones import FeatureExtractor, ImageSize, NonFiniteError, build_backbone, nonfinite_flow_parts
 from .common import FlowModel
+from .config import FastFlowConfig, setting
 from .scoring import ScaleLogLik, MapScorer
-
-#: Per-backbone defaults (gathierry/FastFlow and anomalib's configurations).
-FASTFLOW_DEFAULTS: Dict[str, dict] = {
-    "resnet18": dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=True),
-    "wide_resnet50_2": dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=False),
-    "deit_base_distilled_patch16_384": dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False),
-    "cait_m48_448": dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False),
-}
-_CNN_DEFAULT = dict(flow_steps=8, hidden_ratio=1.0, conv3x3_only=False)
-_VIT_DEFAULT = dict(flow_steps=20, hidden_ratio=0.16, conv3x3_only=False)
 
 Features = Union[List[Tensor], Tuple[Tensor, ...]]
 
@@ -113,7 +103,7 @@ class FastFlow(FlowModel):
       image_size: input size (int or (H, W)); sets the LayerNorm shapes.
       pretrained, weights: backbone weights (timm download / packaged file, or a local file).
       altub: learnable base (True) or the fixed N(0, I) of the baseline (False).
-      flow_steps, hidden_ratio, conv3x3_only: default per backbone (:data:`FASTFLOW_DEFAULTS`).
+      flow_steps, hidden_ratio, conv3x3_only: default per backbone (:data:`~altub_fast.models.config.FASTFLOW_DEFAULTS`).
       clamp: affine clamping (2.0); clamp_mode: see :class:`AllInOneBlock`.
       out_indices: timm stages for CNNs (default (1, 2, 3)); vit_block_index: for transformers.
       impl: implementation switch passed to every block (None: ``ALTUB_FAST_IMPL``).
@@ -129,12 +119,27 @@ class FastFlow(FlowModel):
 
     ``forward`` takes images (a tensor (B, 3, H, W)) or precomputed backbone features (a list or
     tuple of tensors, one per scale, as :meth:`extract_features` returns them).
+
+    The arguments live in ``self.config``, a resolved :class:`~altub_fast.models.config.FastFlowConfig`
+    (``self.flow_steps`` and the other settings read it); ``FastFlow.from_config(config)`` builds the
+    model a config, or a checkpoint's stored dict, describes. Every NLL and score path adds its
+    per-scale terms in :meth:`scale_loglik`.
     """
 
-    model_name = "fastflow"
+    config_class = FastFlowConfig
+    model_name = FastFlowConfig.name
     default_lr = 1e-3
     default_weight_decay = 1e-5
     has_unused_parameters = False  # every update touches every scale's flow
+
+    # settings, read from self.config (the single source of the arguments)
+    altub = setting()
+    flow_steps = setting()
+    hidden_ratio = setting()
+    conv3x3_only = setting()
+    clamp = setting()
+    norm_logdet = setting()
+    check_finite = setting(writable=True)
 
     def __init__(self, backbone: Union[str, FeatureExtractor] = "wide_resnet50_2", *, image_size: ImageSize = 256,
                  pretrained: bool = True, weights: Optional[str] = None, altub: bool = True,
@@ -145,45 +150,34 @@ class FastFlow(FlowModel):
                  norm_logdet: bool = True, score: Optional[str] = None, image_score: Optional[str] = None,
                  topk_fraction: Optional[float] = None, feature_blocks: Optional[Sequence[int]] = None):
         super().__init__()
-        block_class(block, clamp_mode, impl)  # validate before building the backbone
-        self.image_size = as_hw(image_size)
-        if isinstance(backbone, FeatureExtractor):
-            self.backbone = backbone
-        else:
-            self.backbone = build_backbone(backbone, pretrained=pretrained, weights=weights,
-                                           out_indices=out_indices if out_indices is not None else (1, 2, 3),
-                                           vit_block_index=vit_block_index, image_size=self.image_size,
-                                           feature_blocks=feature_blocks)
-        name = self.backbone.name
-        vit = self.backbone.kind == "vit"
-        d = dict(FASTFLOW_DEFAULTS.get(base_name(name), _VIT_DEFAULT if vit else _CNN_DEFAULT))
-        self.flow_steps = int(flow_steps if flow_steps is not None else d["flow_steps"])
-        self.hidden_ratio = float(hidden_ratio if hidden_ratio is not None else d["hidden_ratio"])
-        self.conv3x3_only = bool(conv3x3_only if conv3x3_only is not None else d["conv3x3_only"])
-        self.clamp = float(clamp)
-        self.altub = bool(altub)
-        self.check_finite = bool(check_finite)
+        extractor = backbone if isinstance(backbone, FeatureExtractor) else None
+        given = FastFlowConfig(
+            backbone=backbone.name if extractor is not None else backbone, image_size=image_size,
+            pretrained=pretrained, weights=weights, altub=altub, flow_steps=flow_steps, hidden_ratio=hidden_ratio,
+            conv3x3_only=conv3x3_only, clamp=clamp, clamp_mode=clamp_mode, out_indices=out_indices,
+            vit_block_index=vit_block_index, impl=impl, block=block, check_finite=check_finite,
+            norm_logdet=norm_logdet, score=score, image_score=image_score, topk_fraction=topk_fraction,
+            feature_blocks=feature_blocks)
+        block_class(given.block, given.clamp_mode, given.impl)  # validate before building the backbone
+        if extractor is None:
+            extractor = build_backbone(given.backbone, pretrained=given.pretrained, weights=given.weights,
+                                       out_indices=given.out_indices if given.out_indices is not None else (1, 2, 3),
+                                       vit_block_index=given.vit_block_index, image_size=tuple(given.image_size),
+                                       feature_blocks=given.feature_blocks)
+        self.backbone = extractor
+        self.config = cfg = given.resolved(extractor)
         self.feature_shapes = self.backbone.feature_shapes(self.image_size)
         # Transformers bring their own final norm; CNN scales get a trainable LayerNorm([C, h, w]).
+        vit = self.backbone.kind == "vit"
         self.norms = nn.ModuleList([nn.Identity() if vit else nn.LayerNorm(list(s), elementwise_affine=True)
                                     for s in self.feature_shapes])
-        self.flows = nn.ModuleList([fastflow_flow(s, self.flow_steps, self.hidden_ratio, self.conv3x3_only,
-                                                  clamp=self.clamp, clamp_mode=clamp_mode, impl=impl,
-                                                  block=block)
+        self.flows = nn.ModuleList([fastflow_flow(s, cfg.flow_steps, cfg.hidden_ratio, cfg.conv3x3_only,
+                                                  clamp=cfg.clamp, clamp_mode=cfg.clamp_mode, impl=cfg.impl,
+                                                  block=cfg.block)
                                     for s in self.feature_shapes])
-        self.bases = nn.ModuleList([LearnableGaussian(s[0], learnable=self.altub) for s in self.feature_shapes])
-        self.norm_logdet = bool(norm_logdet)
-        self.scorer = MapScorer(len(self.feature_shapes), self.image_size, score, image_score, topk_fraction)
-        blocks = getattr(self.backbone, "feature_blocks", None)
-        self.config = dict(name=self.model_name, backbone=name, image_size=list(self.image_size),
-                           pretrained=pretrained, weights=weights, altub=self.altub, flow_steps=self.flow_steps,
-                           hidden_ratio=self.hidden_ratio, conv3x3_only=self.conv3x3_only, clamp=self.clamp,
-                           clamp_mode=clamp_mode, out_indices=list(out_indices) if out_indices is not None else None,
-                           vit_block_index=vit_block_index, impl=impl, block=block,
-                           backbone_weights_origin=self.backbone.weights_origin, norm_logdet=self.norm_logdet,
-                           score=self.scorer.mode, image_score=self.scorer.image_rule,
-                           topk_fraction=self.scorer.topk_fraction,
-                           feature_blocks=list(blocks) if blocks is not None else None)
+        self.bases = nn.ModuleList([LearnableGaussian(s[0], learnable=cfg.altub) for s in self.feature_shapes])
+        self.scorer = MapScorer(len(self.feature_shapes), self.image_size, cfg.score, cfg.image_score,
+                                cfg.topk_fraction)
 
     # ------------------------------------------------------------------ parameter groups
     @property
@@ -222,6 +216,21 @@ class FastFlow(FlowModel):
             return None
         return torch.log(norm.weight.float().abs()).sum(dim=0)
 
+    def scale_loglik(self, i: int, logp: Tensor, log_det: Tensor, *, per_pixel: bool = False,
+                     norm: bool = True) -> Tensor:
+        """Scale ``i``'s log-likelihood: ``logp + log_det``, plus the LayerNorm's log-det when ``norm``
+        (and the scale has a trainable LayerNorm). Every NLL and score path of FastFlow adds its terms here.
+
+        ``logp`` and ``log_det`` are per sample (B,) or, with ``per_pixel``, per feature-map pixel
+        (B, h, w; the LayerNorm's share is then its per-pixel map, else its sum). Whether the base's
+        -0.5 log(2 pi) constant is in ``logp`` is the caller's choice (the training losses leave it out).
+        """
+        ll = logp + log_det
+        ln = self.norm_logdet_pixel(i) if norm else None
+        if ln is not None:
+            ll = ll + (ln if per_pixel else ln.sum())
+        return ll
+
     def forward(self, x: Union[Tensor, Features]) -> FastFlowOutput:
         feats = self._as_features(x)
         zs, ljds, lpp, lps, ldp = [], [], [], [], []
@@ -231,12 +240,9 @@ class FastFlow(FlowModel):
             numel = out.z[0].numel()
             # NLL without the constant: -(log p_base + 0.5 log(2 pi) * numel) - log|det J|.
             # With the fixed N(0, I) this is the baseline's 0.5 * sum z^2 - log|det J|.
-            nll = -(out.logp_sample + (0.5 * LOG_2PI) * numel) - out.log_jac_det
-            if self.norm_logdet:
-                ln = self.norm_logdet_pixel(i)
-                if ln is not None:
-                    nll = nll - ln.sum()
-            loss = loss + nll.mean()
+            ll = self.scale_loglik(i, out.logp_sample + (0.5 * LOG_2PI) * numel, out.log_jac_det,
+                                   norm=self.norm_logdet)
+            loss = loss + (-ll).mean()
             zs.append(out.z)
             ljds.append(out.log_jac_det)
             lpp.append(out.logp_pixel)
@@ -258,8 +264,9 @@ class FastFlow(FlowModel):
         return out.loss, out.z
 
     def base_only_loss(self, unit: Features) -> Tuple[Tensor, List[Tensor]]:
-        """The same loss for a base-only update: the flow runs without a graph, so only mu and
-        log sigma receive gradients (SPEC 2)."""
+        """The loss of a base-only update: the flow runs without a graph, so only mu and log sigma
+        receive gradients (SPEC 2). The LayerNorm's log-det, which does not depend on them, is left
+        out whatever ``norm_logdet`` says (the value is the baseline's loss)."""
         feats = self._as_features(unit)
         loss = 0.0
         zs = []
@@ -267,7 +274,7 @@ class FastFlow(FlowModel):
             with torch.no_grad():
                 z, ljd = self.flows[i](self.norms[i](f))
             lp = self.bases[i].log_prob(z, reduction="sample", include_const=False)
-            loss = loss + (-lp - ljd).mean()
+            loss = loss + (-self.scale_loglik(i, lp, ljd, norm=False)).mean()
             zs.append(z)
         return loss, zs
 
@@ -296,11 +303,7 @@ class FastFlow(FlowModel):
             C = z.shape[1]
             full = None
             if ldp is not None:
-                full = lpp.float() + ldp.float()
-                ln = self.norm_logdet_pixel(i)
-                if ln is not None:
-                    full = full + ln
-                full = full / C
+                full = self.scale_loglik(i, lpp.float(), ldp.float(), per_pixel=True) / C
             parts.append(ScaleLogLik(full, lpp.float() / C))
         if self.check_finite:
             for i, p in enumerate(parts):
@@ -318,10 +321,6 @@ class FastFlow(FlowModel):
         out = self(x)
         total, dims = 0.0, 0
         for i, (z, lps, ljd) in enumerate(zip(out.z, out.logp_sample, out.log_jac_det)):
-            ll = lps.float() + ljd.float()
-            ln = self.norm_logdet_pixel(i)
-            if ln is not None:
-                ll = ll + ln.sum()
-            total = total - ll
+            total = total - self.scale_loglik(i, lps.float(), ljd.float())
             dims += z[0].numel()
         return total / dims
