@@ -1,6 +1,8 @@
 """The functional API: one entry per fused op, choosing the implementation per call
 (:func:`altub_fast.backend.resolve_impl`; ``resolve_impl``, ``triton_unavailable_reason``,
-``default_impl``, ``IMPLS`` and ``KERNEL_DTYPES`` are re-exported from there).
+``default_impl``, ``IMPLS`` and ``KERNEL_DTYPES`` are re-exported from there). The coupling's
+entries return a :class:`CouplingOutput` (``altub_fast.ops.CouplingOutput``; absent outputs None),
+whichever implementation served them.
 
 ``ALTUB_FAST_IMPL`` (auto | triton | torch), overridable per call with ``impl=``:
 - auto: Triton when the tensors are on CUDA (or on CPU with ``TRITON_INTERPRET=1``), Triton
@@ -14,12 +16,13 @@ Nothing here imports Triton at module import time: the kernels are imported lazi
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import backend, reference
+from .ops import CouplingOutput
 
 #: How many calls each implementation served, per op ("coupling_forward:triton", ...). Tests use
 #: it to prove which path ran; it costs one dict update per call.
@@ -42,39 +45,36 @@ def _count(key: str) -> None:
 def coupling_forward(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                      perm: Optional[Tensor] = None, *, clamp: float = 2.0, clamp_mode: str = "legacy",
                      gin: bool = False, affine_type: str = "SOFTPLUS", pixel_logdet: bool = False,
-                     impl: Optional[str] = None) -> Tuple[Tensor, ...]:
-    """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`
-    (``pixel_logdet=True`` appends the per-pixel log-det (B, *sp) float32)."""
+                     impl: Optional[str] = None) -> CouplingOutput:
+    """AllInOneBlock's post-subnet step; see :func:`altub_fast.reference.coupling_forward`.
+    Returns a :class:`CouplingOutput`: z, log_jac_det, no log-likelihoods (None), and the
+    per-pixel log-det (B, *sp) float32 with ``pixel_logdet=True`` (else None)."""
     which = resolve_impl(impl, x, a, global_scale, global_offset)
     _count(f"coupling_forward:{which}")
+    opts = dict(clamp=clamp, clamp_mode=clamp_mode, gin=gin, affine_type=affine_type, pixel_logdet=pixel_logdet)
     if which == "triton":
         from .ops.coupling import coupling_forward_triton
-        return coupling_forward_triton(x, a, global_scale, global_offset, perm, clamp=clamp,
-                                       clamp_mode=clamp_mode, gin=gin, affine_type=affine_type,
-                                       pixel_logdet=pixel_logdet)
-    return reference.coupling_forward(x, a, global_scale, global_offset, perm, clamp=clamp,
-                                      clamp_mode=clamp_mode, gin=gin, affine_type=affine_type,
-                                      pixel_logdet=pixel_logdet)
+        return coupling_forward_triton(x, a, global_scale, global_offset, perm, **opts)
+    out = reference.coupling_forward(x, a, global_scale, global_offset, perm, **opts)
+    return CouplingOutput(out[0], out[1], log_jac_det_pixel=out[2] if pixel_logdet else None)
 
 
 def coupling_forward_loglik(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
                             clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
                             affine_type: str = "SOFTPLUS", pixel_logdet: bool = False,
-                            impl: Optional[str] = None) -> Tuple[Tensor, ...]:
-    """The last-block variant (z, log-det, per-pixel and per-sample base log-likelihood, and with
-    ``pixel_logdet=True`` the per-pixel log-det); see
-    :func:`altub_fast.reference.coupling_forward_loglik`."""
+                            impl: Optional[str] = None) -> CouplingOutput:
+    """The last-block variant; see :func:`altub_fast.reference.coupling_forward_loglik`. Returns a
+    :class:`CouplingOutput`: z, log-det, per-pixel and per-sample base log-likelihood, and with
+    ``pixel_logdet=True`` the per-pixel log-det (else None)."""
     which = resolve_impl(impl, x, a, global_scale, global_offset, mu, log_sigma)
     _count(f"coupling_forward_loglik:{which}")
+    opts = dict(clamp=clamp, clamp_mode=clamp_mode, gin=gin, affine_type=affine_type, pixel_logdet=pixel_logdet)
     if which == "triton":
         from .ops.coupling import coupling_forward_loglik_triton
-        return coupling_forward_loglik_triton(x, a, global_scale, global_offset, perm, mu, log_sigma,
-                                              clamp=clamp, clamp_mode=clamp_mode, gin=gin,
-                                              affine_type=affine_type, pixel_logdet=pixel_logdet)
-    return reference.coupling_forward_loglik(x, a, global_scale, global_offset, perm, mu, log_sigma,
-                                             clamp=clamp, clamp_mode=clamp_mode, gin=gin,
-                                             affine_type=affine_type, pixel_logdet=pixel_logdet)
+        return coupling_forward_loglik_triton(x, a, global_scale, global_offset, perm, mu, log_sigma, **opts)
+    out = reference.coupling_forward_loglik(x, a, global_scale, global_offset, perm, mu, log_sigma, **opts)
+    return CouplingOutput(*out[:4], log_jac_det_pixel=out[4] if pixel_logdet else None)
 
 
 def gaussian_log_prob(z: Tensor, mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None,

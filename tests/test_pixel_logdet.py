@@ -116,11 +116,15 @@ def test_functional_passes_pixel_logdet_to_the_reference():
     out = functional.coupling_forward(x, a, gs, beta, perm, gin=True, pixel_logdet=True, impl="torch")
     assert functional.CALLS["coupling_forward:torch"] == before + 1
     ref = reference.coupling_forward(x, a, gs, beta, perm, gin=True, pixel_logdet=True)
-    assert len(out) == 3 and all(torch.equal(u, v) for u, v in zip(out, ref))
-    assert len(functional.coupling_forward(x, a, gs, beta, perm, impl="torch")) == 2
+    # a CouplingOutput: z, log-det and the per-pixel log-det; no log-likelihoods
+    assert out.logp_pixel is None and out.logp_sample is None
+    assert all(torch.equal(u, v) for u, v in zip((out.z, out.log_jac_det, out.log_jac_det_pixel), ref))
+    without = functional.coupling_forward(x, a, gs, beta, perm, impl="torch")
+    assert without.log_jac_det_pixel is None and without.logp_pixel is None  # z and log-det only
     out = functional.coupling_forward_loglik(x, a, gs, beta, perm, mu, ls, pixel_logdet=True, impl="torch")
     ref = reference.coupling_forward_loglik(x, a, gs, beta, perm, mu, ls, pixel_logdet=True)
     assert len(out) == 5 and all(torch.equal(u, v) for u, v in zip(out, ref))
+    assert functional.coupling_forward_loglik(x, a, gs, beta, perm, mu, ls, impl="torch").log_jac_det_pixel is None
 
 
 # ----------------------------------------------------------------------------- AllInOneBlock

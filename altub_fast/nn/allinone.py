@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional, reference
+from ..ops import CouplingOutput
 from . import _freia_compat, cpu_fast
 from ._freia_compat import InputShapeError, InvertibleModule, dims_list
 
@@ -238,58 +239,61 @@ class AllInOneBlock(InvertibleModule):
         a = self._subnet(x[:, :self.splits[0]], c)
         return x, a, w
 
-    def _fused_kwargs(self):
-        return dict(clamp=self.clamp, clamp_mode=self.clamp_mode, gin=self.GIN,
-                    affine_type=self.global_affine_type, impl=self.impl)
-
-    def forward(self, x, c=[], rev=False, jac=True):
-        if rev:
-            return self._reverse(x, c)
-        x, a, w = self._prepare_forward(x, c)
-        z, log_jac_det = functional.coupling_forward(
-            x, a, self.global_scale, self.global_offset,
-            self.perm if self.hard_permutation else None, **self._fused_kwargs())
-        if not self.hard_permutation:
-            z = self._apply_dense(z, w)
-        return (z,), log_jac_det
-
-    def forward_pixel(self, x, c=[]):
-        """Forward that also returns the per-pixel log-det: ((z,), log_jac_det (B,),
-        log_jac_det_pixel (B, *sp) float32; (B,) for (B, C) data).
+    def forward_outputs(self, x, c=[], *, pixel_logdet: bool = False, loglik: bool = False,
+                        mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None) -> CouplingOutput:
+        """The one full forward: z, log_jac_det (B,) and, as asked, the per-pixel log-det
+        (``pixel_logdet``) and the base log-likelihood of z (``loglik``; mu/log_sigma None means
+        N(0, I)), as a :class:`~altub_fast.ops.CouplingOutput` (absent outputs None).
+        :meth:`forward`, :meth:`forward_pixel` and :meth:`forward_loglik` are views of it.
 
         The per-pixel log-det is each pixel's share of log_jac_det (their sum over pixels): the
         coupling's log-scales summed over channels plus the global affine's sum_c log Psi(g_c).
         The permutations (hard, soft, Householder, and the reverse pre-permutation) are orthogonal
-        and add 0.
+        and add 0. The log-likelihoods include the -0.5*log(2 pi) constant; with a hard
+        permutation they come from the same fused pass as z.
         """
         x, a, w = self._prepare_forward(x, c)
-        z, log_jac_det, ld_pixel = functional.coupling_forward(
-            x, a, self.global_scale, self.global_offset,
-            self.perm if self.hard_permutation else None, pixel_logdet=True, **self._fused_kwargs())
+        kw = dict(clamp=self.clamp, clamp_mode=self.clamp_mode, gin=self.GIN,
+                  affine_type=self.global_affine_type, pixel_logdet=pixel_logdet, impl=self.impl)
+        if loglik:
+            if mu is None:
+                mu = torch.zeros(self.in_channels, device=x.device, dtype=torch.float32)
+            if log_sigma is None:
+                log_sigma = torch.zeros(self.in_channels, device=x.device, dtype=torch.float32)
+            if self.hard_permutation:
+                return functional.coupling_forward_loglik(x, a, self.global_scale, self.global_offset, self.perm,
+                                                          mu, log_sigma, **kw)
+        out = functional.coupling_forward(x, a, self.global_scale, self.global_offset,
+                                          self.perm if self.hard_permutation else None, **kw)
         if not self.hard_permutation:
-            z = self._apply_dense(z, w)
-        return (z,), log_jac_det, ld_pixel
+            out = out._replace(z=self._apply_dense(out.z, w))
+        if loglik:  # a soft or Householder permutation: the base is evaluated after it
+            logp_pixel = functional.gaussian_log_prob(out.z, mu, log_sigma, reduction="pixel")
+            out = out._replace(logp_pixel=logp_pixel, logp_sample=logp_pixel.reshape(out.z.shape[0], -1).sum(1))
+        return out
 
-    def forward_loglik(self, x, c=[], mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None):
+    def forward(self, x, c=[], rev=False, jac=True):
+        """FrEIA's call: ``((z,), log_jac_det)``, or the reverse with ``rev=True``."""
+        if rev:
+            return self._reverse(x, c)
+        out = self.forward_outputs(x, c)
+        return (out.z,), out.log_jac_det
+
+    def forward_pixel(self, x, c=[]):
+        """Forward that also returns the per-pixel log-det: ((z,), log_jac_det (B,),
+        log_jac_det_pixel (B, *sp) float32; (B,) for (B, C) data); see :meth:`forward_outputs`."""
+        out = self.forward_outputs(x, c, pixel_logdet=True)
+        return (out.z,), out.log_jac_det, out.log_jac_det_pixel
+
+    def forward_loglik(self, x, c=[], mu: Optional[Tensor] = None, log_sigma: Optional[Tensor] = None
+                       ) -> CouplingOutput:
         """Forward plus the base log-likelihood of z in one pass (the last block of a flow).
 
-        Returns (z, log_jac_det (B,), logp_pixel (B, *sp) summed over channels, logp_sample (B,),
-        log_jac_det_pixel (B, *sp) as :meth:`forward_pixel`); mu/log_sigma None means N(0, I).
-        The log-likelihoods include the -0.5*log(2 pi) constant.
+        Returns every field of the :class:`~altub_fast.ops.CouplingOutput`, in order: z,
+        log_jac_det (B,), logp_pixel (B, *sp) summed over channels, logp_sample (B,),
+        log_jac_det_pixel (B, *sp) as :meth:`forward_pixel`; mu/log_sigma None means N(0, I).
         """
-        x, a, w = self._prepare_forward(x, c)
-        if mu is None:
-            mu = torch.zeros(self.in_channels, device=x.device, dtype=torch.float32)
-        if log_sigma is None:
-            log_sigma = torch.zeros(self.in_channels, device=x.device, dtype=torch.float32)
-        if self.hard_permutation:
-            return functional.coupling_forward_loglik(x, a, self.global_scale, self.global_offset, self.perm,
-                                                      mu, log_sigma, pixel_logdet=True, **self._fused_kwargs())
-        z, log_jac_det, ld_pixel = functional.coupling_forward(x, a, self.global_scale, self.global_offset,
-                                                               None, pixel_logdet=True, **self._fused_kwargs())
-        z = self._apply_dense(z, w)
-        logp_pixel = functional.gaussian_log_prob(z, mu, log_sigma, reduction="pixel")
-        return z, log_jac_det, logp_pixel, logp_pixel.reshape(z.shape[0], -1).sum(1), ld_pixel
+        return self.forward_outputs(x, c, pixel_logdet=True, loglik=True, mu=mu, log_sigma=log_sigma)
 
     def _reverse(self, z, c):
         z, c = self._check_inputs(z, c)

@@ -9,7 +9,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import functional
+from ..ops import CouplingOutput
 from ._freia_compat import InvertibleModule, dims_list
+from .allinone import AllInOneBlock
 from .base import LearnableGaussian
 
 
@@ -19,7 +21,7 @@ class FlowOutput(NamedTuple):
 
     ``log_jac_det_pixel`` (B, *sp) float32 is the flow's log-det split per pixel, accumulated over
     all blocks (summed over pixels it is ``log_jac_det``); None when some block cannot split its
-    log-det (one without ``forward_pixel``, e.g. FrEIA's own AllInOneBlock)."""
+    log-det (any block but altub_fast's AllInOneBlock, e.g. FrEIA's own)."""
     z: Tensor
     log_jac_det: Tensor
     logp_pixel: Tensor
@@ -178,10 +180,11 @@ class SequenceINN(InvertibleModule):
                        base: Optional[LearnableGaussian] = None) -> FlowOutput:
         """Run the flow forward and evaluate ``base`` (None: N(0, I)) on its output.
 
-        The last block, if it has ``forward_loglik`` (altub_fast's AllInOneBlock), computes z, its
-        log-det and the base log-likelihood in one fused pass; otherwise the base is evaluated after.
-        Blocks with ``forward_pixel`` also give their per-pixel log-det, summed into
-        ``log_jac_det_pixel`` (None if any block has none).
+        altub_fast's AllInOneBlocks run their full forward (:meth:`AllInOneBlock.forward_outputs`):
+        each gives its per-pixel log-det, summed into ``log_jac_det_pixel``, and the last one
+        computes z, its log-det and the base log-likelihood in one fused pass. Any other block runs
+        its FrEIA call: it has no per-pixel log-det (``log_jac_det_pixel`` is then None), and when
+        it is the last one the base is evaluated after it.
         """
         if len(self.module_list) == 0:
             raise ValueError("the flow has no blocks")
@@ -193,26 +196,26 @@ class SequenceINN(InvertibleModule):
         log_det_jac = 0
         ld_pixel = 0  # becomes None once a block cannot split its log-det per pixel
         n = len(self.module_list)
-        for i in range(n - 1):
-            block, cond = self.module_list[i], self._cond(i, c)
-            if hasattr(block, "forward_pixel"):
-                xs, j, jp = block.forward_pixel(xs, c=cond)
-            else:
-                xs, j = block(xs, c=cond, jac=True) if cond else block(xs, jac=True)
-                jp = None
-            log_det_jac = j + log_det_jac
+        for i in range(n):
+            out = self._block_outputs(i, xs, c, i == n - 1, mu, log_sigma)
+            xs = (out.z,)
+            log_det_jac = out.log_jac_det + log_det_jac
+            jp = out.log_jac_det_pixel
             ld_pixel = None if (jp is None or ld_pixel is None) else jp + ld_pixel
-        last = self.module_list[n - 1]
-        cond = self._cond(n - 1, c)
-        if hasattr(last, "forward_loglik"):
-            z, j, logp_pixel, logp_sample, jp = last.forward_loglik(xs, c=cond, mu=mu, log_sigma=log_sigma)
-        else:
-            (z,), j = last(xs, c=cond, jac=True) if cond else last(xs, jac=True)
-            jp = None
-            logp_pixel = functional.gaussian_log_prob(z, mu, log_sigma, reduction="pixel")
-            logp_sample = logp_pixel.reshape(z.shape[0], -1).sum(1)
-        ld_pixel = None if (jp is None or ld_pixel is None) else jp + ld_pixel
-        return FlowOutput(z, j + log_det_jac, logp_pixel, logp_sample, ld_pixel)
+        if out.logp_pixel is None:
+            logp_pixel = functional.gaussian_log_prob(out.z, mu, log_sigma, reduction="pixel")
+            out = out._replace(logp_pixel=logp_pixel, logp_sample=logp_pixel.reshape(out.z.shape[0], -1).sum(1))
+        return FlowOutput(out.z, log_det_jac, out.logp_pixel, out.logp_sample, ld_pixel)
+
+    def _block_outputs(self, i: int, xs, c, last: bool, mu: Optional[Tensor],
+                       log_sigma: Optional[Tensor]) -> CouplingOutput:
+        """Block i's outputs: an AllInOneBlock's full forward (per-pixel log-det; the base
+        log-likelihood too when it is the ``last``), else the FrEIA call's z and log-det alone."""
+        block, cond = self.module_list[i], self._cond(i, c)
+        if isinstance(block, AllInOneBlock):
+            return block.forward_outputs(xs, c=cond, pixel_logdet=True, loglik=last, mu=mu, log_sigma=log_sigma)
+        zs, j = block(xs, c=cond, jac=True) if cond else block(xs, jac=True)
+        return CouplingOutput(zs if torch.is_tensor(zs) else zs[0], j)
 
     def log_prob(self, x: Tensor, c: Optional[Iterable[Tensor]] = None,
                  base: Optional[LearnableGaussian] = None) -> Tensor:

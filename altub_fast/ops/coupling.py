@@ -3,8 +3,9 @@
 Three layers, top to bottom:
 
 - ``coupling_forward_triton`` / ``coupling_forward_loglik_triton``: what ``altub_fast.functional``
-  calls; the exact signatures, semantics, shapes and dtypes of ``reference.coupling_forward`` /
-  ``reference.coupling_forward_loglik`` (z in x's dtype; log-det and log-likelihoods float32).
+  calls; the signatures, semantics, shapes and dtypes of ``reference.coupling_forward`` /
+  ``reference.coupling_forward_loglik`` (z in x's dtype; log-det and log-likelihoods float32),
+  returned as a :class:`~altub_fast.ops.CouplingOutput` (absent outputs None).
 - Two ``torch.library`` custom ops, ``altub_fast::coupling_fwd`` and ``altub_fast::coupling_bwd``,
   with fake (meta) implementations and ``register_autograd``: differentiable, opaque to
   ``torch.compile`` (no graph break, no tracing into Triton), and autocast-safe (inputs are taken in
@@ -30,12 +31,13 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
+from . import CouplingOutput
 
 if not hasattr(torch.library, "custom_op"):  # pragma: no cover - old torch
     raise ImportError("altub_fast.ops.coupling needs torch >= 2.4 (torch.library.custom_op, "
                       f"register_fake, register_autograd); this is torch {torch.__version__}")
 
-__all__ = ["coupling_forward_triton", "coupling_forward_loglik_triton", "coupling_forward",
+__all__ = ["CouplingOutput", "coupling_forward_triton", "coupling_forward_loglik_triton", "coupling_forward",
            "coupling_backward", "LAUNCHES", "LaunchConfig", "launch_config", "forced_config",
            "interpreter_active"]
 
@@ -459,35 +461,34 @@ coupling_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def coupling_forward_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                             perm: Optional[Tensor] = None, *, clamp: float = 2.0,
                             clamp_mode: str = "legacy", gin: bool = False,
-                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False
-                            ) -> Tuple[Tensor, ...]:
+                            affine_type: str = "SOFTPLUS", pixel_logdet: bool = False) -> CouplingOutput:
     """:func:`altub_fast.reference.coupling_forward` on the Triton kernels, differentiable.
 
     x: (B, C, *sp) float32/float16 (bfloat16 on CUDA); a: (B, 2*C2, *sp) raw subnet output, may
     differ in dtype from x (autocast); global_scale/global_offset: (C,) or (1, C, 1, ...); perm:
-    (C,) int64 with z[:, i] = v[:, perm[i]], or None. Returns z (B, C, *sp) in x's dtype and
-    log_jac_det (B,) float32, and with pixel_logdet=True also the per-pixel log-det (B, *sp)
-    float32 (the op always computes it, from the forward kernel's partial buffers; a loss may use
-    it: the backward takes its gradient).
+    (C,) int64 with z[:, i] = v[:, perm[i]], or None. Returns a :class:`CouplingOutput`: z in x's
+    dtype, log_jac_det (B,) float32, no log-likelihoods, and with pixel_logdet=True the per-pixel
+    log-det (B, *sp) float32 (the op always computes it, from the forward kernel's partial buffers;
+    a loss may use it: the backward takes its gradient).
     """
     z, ld, _, _, _, ld_pix = coupling_fwd_op(x, a, global_scale, global_offset, perm, None, None,
                                              float(clamp), clamp_mode, bool(gin), affine_type)
-    return (z, ld, ld_pix) if pixel_logdet else (z, ld)
+    return CouplingOutput(z, ld, log_jac_det_pixel=ld_pix if pixel_logdet else None)
 
 
 def coupling_forward_loglik_triton(x: Tensor, a: Tensor, global_scale: Tensor, global_offset: Tensor,
                                    perm: Optional[Tensor], mu: Tensor, log_sigma: Tensor, *,
                                    clamp: float = 2.0, clamp_mode: str = "legacy", gin: bool = False,
                                    affine_type: str = "SOFTPLUS", pixel_logdet: bool = False
-                                   ) -> Tuple[Tensor, ...]:
+                                   ) -> CouplingOutput:
     """:func:`altub_fast.reference.coupling_forward_loglik` on the Triton kernels, differentiable:
     the last-block variant, also evaluating the learnable Gaussian (mu, log_sigma: (C,) or
-    (1, C, 1, ...), indexed by z's channel). Returns z (x's dtype), log_jac_det (B,),
-    logp_pixel (B, *sp) and logp_sample (B,), all three float32, and with pixel_logdet=True the
-    per-pixel log-det (B, *sp) float32 last."""
+    (1, C, 1, ...), indexed by z's channel). Returns a :class:`CouplingOutput` with every field:
+    z (x's dtype), log_jac_det (B,), logp_pixel (B, *sp) and logp_sample (B,), all float32, and
+    the per-pixel log-det (B, *sp) float32 with pixel_logdet=True (else None)."""
     if mu is None or log_sigma is None:
         raise ValueError("coupling_forward_loglik_triton needs mu and log_sigma (zeros for N(0, I))")
     z, ld, lp_pix, lp_smp, _, ld_pix = coupling_fwd_op(x, a, global_scale, global_offset, perm, mu,
                                                        log_sigma, float(clamp), clamp_mode, bool(gin),
                                                        affine_type)
-    return (z, ld, lp_pix, lp_smp, ld_pix) if pixel_logdet else (z, ld, lp_pix, lp_smp)
+    return CouplingOutput(z, ld, lp_pix, lp_smp, ld_pix if pixel_logdet else None)
