@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(r'''
     result = {}
     ff = FastFlow(TinyBackbone(), image_size=32, flow_steps=2, hidden_ratio=1.0, altub=True)
     tr = AltUBTrainer(ff, data, epochs=2, batch_size=4, k=2, warmup=0, progress=False, seed=5)
-    assert tr.world_size == 2 and tr._ddp is not None
+    assert tr.world_size == 2 and tr.flow_update.ddp is not None
     hist = tr.fit()
     result["fastflow"] = {k: v.detach().clone() for k, v in ff.state_dict().items()}
     result["fastflow_hist"] = [(r["updates"], r["base_only_updates"], r["loss"]) for r in hist]

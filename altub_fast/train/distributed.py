@@ -56,3 +56,13 @@ def broadcast_floats(values: List[float], world_size: int, device: torch.device)
     t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.broadcast(t, src=0)
     return [float(v) for v in t.tolist()]
+
+
+def mean_over_ranks(tensors: List[torch.Tensor], world_size: int) -> List[torch.Tensor]:
+    """The mean of each tensor over the ranks (one flat all-reduce; ``tensors`` themselves without DDP)."""
+    if world_size == 1:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size
+    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

@@ -21,24 +21,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..metrics import threshold_at_fpr
-from ..models.backbones import NonFiniteError
 from .batches import dataset_of, epoch_batches
-from .cache import autocast
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
                          rng_state, set_rng_state)
-from .distributed import StepModule, all_true, broadcast_floats, setup_distributed
+from .distributed import broadcast_floats, setup_distributed
 from .features import FeatureSource
 from .heldout import HeldoutSplit, check_same_data, make_split, split_datasets
 from .schedule import TrainConfig, make_config
 from .stats import ZStats, format_record, progress_text, scale_stats
 from .stopping import best_epoch, stop_reason
+from .updates import BaseOnlyUpdate, FlowUpdate, NonFiniteLossError, NonFinitePolicy  # noqa: F401 (re-exported)
 from .validation import mean_nll, require_nll
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(NonFiniteError):
-    """A training loss was NaN or Inf (the message names the epoch and step)."""
 
 
 class AltUBTrainer:
@@ -76,34 +71,17 @@ class AltUBTrainer:
             progress=self._progress)
         seed = cfg.heldout_seed if cfg.heldout_seed is not None else cfg.seed
         self._use_split(make_split(self.data, self.heldout_data, cfg.heldout_fraction, seed))
-        self.altub = bool(getattr(model, "altub", False))
+        self.altub = bool(model.altub)
         self.schedule = cfg.schedule
 
-        lr = cfg.lr if cfg.lr is not None else getattr(model, "default_lr", 1e-3)
-        wd = cfg.weight_decay if cfg.weight_decay is not None else getattr(model, "default_weight_decay", 0.0)
-        self.flow_params = list(model.flow_parameters())
-        self.base_params = list(model.base_parameters())
-        groups = [{"params": self.flow_params, "weight_decay": wd, "name": "flow"}]
-        if self.base_params:
-            # weight decay would pull the base back to N(0, I)
-            groups.append({"params": self.base_params, "weight_decay": 0.0, "name": "base"})
-        self.optimizer = torch.optim.Adam(groups, lr=lr)
-        self.base_optimizer: Optional[torch.optim.Optimizer] = None
-        if self.altub and self.base_params:
-            base_lr = self.schedule.lr if self.schedule.lr is not None else self.schedule.r * lr
-            if self.schedule.optimizer.lower() == "sgd":
-                self.base_optimizer = torch.optim.SGD(self.base_params, lr=base_lr, momentum=0.0, weight_decay=0.0)
-            else:
-                self.base_optimizer = torch.optim.Adam(self.base_params, lr=base_lr, weight_decay=0.0)
-
-        self._step_module = StepModule(model)
-        self._ddp = None
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # CFLOW-AD's fiber batches use one decoder at a time: the others are unused.
-            self._ddp = DDP(self._step_module, device_ids=ids, broadcast_buffers=False,
-                            find_unused_parameters=getattr(model, "model_name", "") == "cflow")
+        lr = cfg.lr if cfg.lr is not None else model.default_lr
+        wd = cfg.weight_decay if cfg.weight_decay is not None else model.default_weight_decay
+        kw = dict(world_size=self.world_size, device=self.device, amp=cfg.amp,
+                  nonfinite=NonFinitePolicy(cfg.on_nonfinite, model, lambda: self.last_checkpoint))
+        self.flow_update = FlowUpdate(model, lr=lr, weight_decay=wd, **kw)
+        self.base_update: Optional[BaseOnlyUpdate] = None
+        if self.altub and model.base_parameters():
+            self.base_update = BaseOnlyUpdate(model, self.schedule, lambda: self.flow_update.lr, **kw)
 
         self.epoch = 0            # completed epochs
         self.global_step = 0      # updates attempted (ordinary + base-only + skipped)
@@ -144,22 +122,24 @@ class AltUBTrainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _autocast(self):
-        return autocast(self.device, self.config.amp)
-
-    def _all_true(self, flag: bool) -> bool:
-        return all_true(flag, self.world_size, self.device)
-
     def _progress(self, **kw):
         return tqdm(disable=not (self.config.progress and self.is_main), dynamic_ncols=True, **kw)
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The flow optimiser (Adam on theta_flow and theta_base)."""
+        return self.flow_update.optimizer
+
+    @property
+    def base_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The base-only updates' optimiser (None without a learnable base)."""
+        return None if self.base_update is None else self.base_update.optimizer
+
     def flow_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return self.flow_update.lr
 
     def base_lr(self) -> Optional[float]:
-        if self.base_optimizer is None:
-            return None
-        return self.schedule.lr if self.schedule.lr is not None else self.schedule.r * self.flow_lr()
+        return None if self.base_update is None else self.base_update.lr
 
     # ------------------------------------------------------------------ data
     def epoch_batches(self, epoch: int) -> List[Tensor]:
@@ -207,7 +187,7 @@ class AltUBTrainer:
     # ------------------------------------------------------------------ one update
     def is_base_only(self, step: int, epoch: int) -> bool:
         """Schedule decision for update number ``step`` (1-based) in epoch ``epoch`` (0-based)."""
-        if not (self.altub and self.base_optimizer is not None):
+        if not (self.altub and self.base_update is not None):
             return False
         return self.schedule.is_base_only(epoch + 1 if self.schedule.unit == "epoch" else step)
 
@@ -219,60 +199,15 @@ class AltUBTrainer:
         self.global_step += 1
         if base_only is None:
             base_only = self.is_base_only(self.global_step, epoch)
-        if base_only and self.base_optimizer is None:
+        if base_only and self.base_update is None:
             raise RuntimeError("a base-only update needs a learnable base (altub=True)")
-        if base_only:
-            self.base_optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss, zs = self.model.base_only_loss(unit)
-            grads = torch.autograd.grad(loss, self.base_params, allow_unused=True)
-            finite = self._all_true(bool(torch.isfinite(loss.detach())))
-            if finite:
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.base_params, grads)]
-                if self.world_size > 1:
-                    flat = torch.cat([g.reshape(-1) for g in grads])
-                    dist.all_reduce(flat)
-                    flat /= self.world_size
-                    grads = list(flat.split([g.numel() for g in grads]))
-                for p, g in zip(self.base_params, grads):
-                    p.grad = g.reshape(p.shape).to(p.dtype)
-                if self.schedule.clip_value is not None:
-                    torch.nn.utils.clip_grad_value_(self.base_params, self.schedule.clip_value)
-                for group in self.base_optimizer.param_groups:
-                    group["lr"] = self.base_lr()
-                self.base_optimizer.step()
-                self.base_updates += 1
-            self.base_optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                step = self._ddp if self._ddp is not None else self._step_module
-                loss, zs = step(unit)
-            loss.backward()   # always, so that DDP's reducer sees every forward matched
-            finite = self._all_true(bool(torch.isfinite(loss.detach())))
-            if finite:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not finite:
-            self._nonfinite(unit, value, epoch)
-        return {"loss": value if finite else float("nan"), "base_only": bool(base_only), "skipped": not finite,
-                "z": zs}
-
-    def _nonfinite(self, unit, value: float, epoch: int) -> None:
-        where = f"epoch {epoch + 1}, step {self.global_step}"
-        if self.config.on_nonfinite == "skip":
+        step = self.base_update if base_only else self.flow_update
+        out = step(unit, where=f"epoch {epoch + 1}, step {self.global_step}")
+        if out.skipped:
             self.skipped_updates += 1
-            logger.warning("non-finite training loss (%s) at %s: update skipped (on_nonfinite='skip')", value, where)
-            return
-        try:
-            diag = self.model.diagnose_nonfinite(unit)
-        except Exception as e:  # pragma: no cover - diagnosis must not hide the error
-            diag = f"(diagnosis failed: {e})"
-        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                else "no checkpoint had been written")
-        raise NonFiniteLossError(f"non-finite training loss ({value}) at {where}: {diag}. Nothing was "
-                                 f"updated; {kept}. on_nonfinite='skip' skips such updates instead.")
+        elif base_only:
+            self.base_updates += 1
+        return {"loss": out.loss, "base_only": bool(base_only), "skipped": out.skipped, "z": out.z}
 
     # ------------------------------------------------------------------ epochs
     def fit(self, epochs: Union[int, str, None] = None) -> List[dict]:
