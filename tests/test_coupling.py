@@ -640,10 +640,12 @@ for mode, aff, gin, perm, ll, dt, bc, bp in [(0, 0, False, True, True, "fp32", 4
     f = dict(CLAMP_MODE=mode, AFFINE=aff, GIN=gin, HAS_PERM=perm, LOGLIK=ll, BLOCK_C=bc, BLOCK_P=bp)
     build(K._coupling_fwd_kernel, t, f)
     build(K._coupling_gin_stats_kernel, t, dict(CLAMP_MODE=mode, BLOCK_C=bc, BLOCK_P=bp))
-    for ph in ((1, 2) if gin else (0,)):
-        for it in (1, 4):
-            build(K._coupling_bwd_kernel, t, dict(f, HAS_GZ=True, HAS_GLD_PIX=it == 1, GIN_PHASE=ph,
-                                                  STORE_DX=True, STORE_DA=ph != 1, PIX_ITERS=it))
+    for it in (1, 4):
+        build(K._coupling_bwd_kernel, t, dict(f, HAS_GZ=True, HAS_GLD_PIX=it == 1, STORE_DX=True,
+                                              STORE_DA=it == 1, PIX_ITERS=it))
+    if gin:
+        build(K._coupling_bwd_gin_stats_kernel, t, dict(CLAMP_MODE=mode, HAS_PERM=perm, LOGLIK=ll, HAS_GZ=True,
+                                                         HAS_GLD_PIX=True, BLOCK_C=bc, BLOCK_P=bp))
 print("ok")
 '''
 

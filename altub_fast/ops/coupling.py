@@ -353,21 +353,20 @@ def coupling_backward(gz: Optional[Tensor], gld: Optional[Tensor], glp_pixel: Op
     gmu_part = torch.empty((R, C), dtype=f32, device=dev) if loglik else dummy
     gls_part = torch.empty((R, C), dtype=f32, device=dev) if loglik else dummy
     gin_mean_c = gin_mean.to(f32).contiguous() if gin else dummy
-    common = (xc, ac, g, beta, permc, mu_c, ls_c, gin_mean_c)
-    flags = dict(CLAMP_MODE=CLAMP_CODES[clamp_mode], AFFINE=AFFINE_CODES[affine_type], GIN=bool(gin),
-                 HAS_PERM=perm is not None, LOGLIK=loglik, HAS_GZ=gz is not None,
-                 HAS_GLD_PIX=gld_pixel is not None, STORE_DX=bool(need_x), STORE_DA=bool(need_a) and C2 > 0,
-                 BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, PIX_ITERS=cfg.pix_iters, num_warps=cfg.num_warps)
+    flags = dict(CLAMP_MODE=CLAMP_CODES[clamp_mode], HAS_PERM=perm is not None, LOGLIK=loglik,
+                 HAS_GZ=gz is not None, HAS_GLD_PIX=gld_pixel is not None, BLOCK_C=cfg.block_c,
+                 BLOCK_P=cfg.block_p, num_warps=cfg.num_warps)
     sizes = (C, C1, C2, N, P, cfg.cpg, float(clamp))
     gs_mean = torch.zeros(B, dtype=f32, device=dev) if gin else dummy
     if gin and need_a and C2 > 0:  # the mean of dL/ds only matters for a's gradient
         gs_part = torch.empty((G, P), dtype=f32, device=dev)
-        _launch(k._coupling_bwd_kernel, (R, G), gx_arg, ga_arg, gg_part, gbeta_part, gmu_part, gls_part, gs_part,
-                gz_c, gld_c, gld_pix_c, glp_pix_c, glp_smp_c, *common, dummy, *sizes, GIN_PHASE=1, **flags)
+        _launch(k._coupling_bwd_gin_stats_kernel, (-(-P // cfg.block_p), G), gs_part,
+                gz_c, gld_pix_c, glp_pix_c, glp_smp_c, xc, ac, beta, permc, mu_c, ls_c, gin_mean_c, *sizes, **flags)
         gs_mean = gs_part.view(G, B, N).sum(dim=(0, 2)) / float(C2 * N)
-    _launch(k._coupling_bwd_kernel, (R, G), gx_arg, ga_arg, gg_part, gbeta_part, gmu_part, gls_part, dummy,
-            gz_c, gld_c, gld_pix_c, glp_pix_c, glp_smp_c, *common, gs_mean, *sizes,
-            GIN_PHASE=2 if gin else 0, **flags)
+    _launch(k._coupling_bwd_kernel, (R, G), gx_arg, ga_arg, gg_part, gbeta_part, gmu_part, gls_part,
+            gz_c, gld_c, gld_pix_c, glp_pix_c, glp_smp_c, xc, ac, g, beta, permc, mu_c, ls_c, gin_mean_c,
+            gs_mean, *sizes, AFFINE=AFFINE_CODES[affine_type], GIN=bool(gin), STORE_DX=bool(need_x),
+            STORE_DA=bool(need_a) and C2 > 0, PIX_ITERS=cfg.pix_iters, **flags)
     return (gx, ga, finish(None if gin else gg_part, global_scale), finish(gbeta_part, global_offset),
             finish(gmu_part if loglik else None, mu), finish(gls_part if loglik else None, log_sigma))
 
