@@ -81,12 +81,17 @@ def build_model_from_checkpoint(ck: Union[str, dict]) -> nn.Module:
     if ck.get("backbone_saved"):
         cfg["pretrained"], cfg["weights"] = False, None
     model = build_model(name, **cfg)
-    result = model.load_state_dict(ck["model"], strict=False)
+    load_trainable_state(model, ck["model"], "checkpoint does not fit the rebuilt model")
+    return model
+
+
+def load_trainable_state(model: nn.Module, state: dict, problem: str) -> None:
+    """``model.load_state_dict(state)`` where ``state`` may leave out the backbone (a checkpoint's
+    ``"model"``); raises ``ValueError(problem: the keys missing and unexpected)`` otherwise."""
+    result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint does not fit the rebuilt model: missing {missing[:10]}, "
-                         f"unexpected {list(result.unexpected_keys)[:10]}")
-    return model
+        raise ValueError(f"{problem}: missing {missing[:10]}, unexpected {list(result.unexpected_keys)[:10]}")
 
 
 def load_model(path: str, device: Optional[Union[str, torch.device]] = None) -> nn.Module:

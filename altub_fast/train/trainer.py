@@ -4,11 +4,9 @@ batches.py (which images each update sees), cache.py (the feature cache), stats.
 reports), checkpoint.py (files and resume), distributed.py (DDP)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -20,14 +18,13 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..metrics import threshold_at_fpr
 from .batches import dataset_of, epoch_batches
-from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkpoint, load_checkpoint_file,
-                         rng_state, set_rng_state)
+from .checkpoint import build_model_from_checkpoint, load_checkpoint_file, set_rng_state
 from .distributed import broadcast_floats, setup_distributed
 from .features import FeatureSource
-from .heldout import HeldoutSplit, check_same_data, make_split, split_datasets
+from .heldout import HeldoutSplit, make_split, split_datasets
 from .schedule import TrainConfig, make_config
+from .store import CheckpointStore, calibration, restored_split
 from .stats import ZStats, format_record, progress_text, scale_stats
 from .stopping import best_epoch, stop_reason
 from .updates import BaseOnlyUpdate, FlowUpdate, NonFiniteLossError, NonFinitePolicy  # noqa: F401 (re-exported)
@@ -72,12 +69,14 @@ class AltUBTrainer:
         seed = cfg.heldout_seed if cfg.heldout_seed is not None else cfg.seed
         self._use_split(make_split(self.data, self.heldout_data, cfg.heldout_fraction, seed))
         self.altub = bool(model.altub)
+        self.store = CheckpointStore(cfg.checkpoint_dir, keep_all=cfg.keep_all_checkpoints,
+                                     save_backbone=cfg.save_backbone, is_main=self.is_main)
         self.schedule = cfg.schedule
 
         lr = cfg.lr if cfg.lr is not None else model.default_lr
         wd = cfg.weight_decay if cfg.weight_decay is not None else model.default_weight_decay
         kw = dict(world_size=self.world_size, device=self.device, amp=cfg.amp,
-                  nonfinite=NonFinitePolicy(cfg.on_nonfinite, model, lambda: self.last_checkpoint))
+                  nonfinite=NonFinitePolicy(cfg.on_nonfinite, model, lambda: self.store.last))
         self.flow_update = FlowUpdate(model, lr=lr, weight_decay=wd, **kw)
         self.base_update: Optional[BaseOnlyUpdate] = None
         if self.altub and model.base_parameters():
@@ -88,8 +87,6 @@ class AltUBTrainer:
         self.base_updates = 0     # base-only updates done (the alternation counter)
         self.skipped_updates = 0
         self.history: List[dict] = []
-        self.last_checkpoint: Optional[str] = None
-        self.best_checkpoint: Optional[str] = None
         self.stop_reason: Optional[str] = None
         self.threshold: Optional[dict] = None   # set by calibrate_checkpoints() for the current model
         # the NLL in nats per dimension (validation.py): held-out every epoch, training on a fixed subset
@@ -268,22 +265,6 @@ class AltUBTrainer:
         return self.history
 
     # ------------------------------------------------------------------ calibration
-    def _calibrate(self, model: nn.Module, features: List[List[Tensor]], warn: bool = True) -> dict:
-        """``model.calibrate`` on the held-out features, then the threshold at ``max_fpr``."""
-        scores = model.calibrate(features).detach().double().cpu().reshape(-1)
-        if len(scores) != len(self.heldout_dataset):
-            raise RuntimeError(f"calibrate() returned {len(scores)} scores for {len(self.heldout_dataset)} "
-                               f"held-out images")
-        max_fpr = float(self.config.max_fpr)
-        n = len(scores)
-        if warn and max_fpr > 0 and n * max_fpr < 1:
-            logger.warning("%d held-out images: the threshold for max_fpr=%g is their maximum score (a rate of "
-                           "%g needs at least %d images)", n, max_fpr, max_fpr, math.ceil(1 / max_fpr))
-        return {"value": threshold_at_fpr(scores, max_fpr), "max_fpr": max_fpr, "n_heldout": n,
-                "score_mode": str(getattr(model, "score_mode", "unknown")),
-                "image_score": str(getattr(getattr(model, "scorer", None), "image_rule", "unknown")),
-                "decision": "score > value is a defect", "heldout_scores": scores.tolist()}
-
     def calibrate_checkpoints(self) -> dict:
         """At the end of training: calibrate the current model (last.pt) and, where it is another
         epoch, best.pt's, on the held-out normal images; store each model's threshold at
@@ -291,8 +272,8 @@ class AltUBTrainer:
         {"last": threshold, "best": threshold or None}."""
         if self.heldout_dataset is None:
             raise ValueError("calibration needs held-out images (give heldout= or heldout_fraction > 0)")
-        features = [list(f) for f in self.heldout_feature_batches()]
-        self.threshold = self._calibrate(self.model, features)
+        features = [list(f) for f in self.features.heldout_batches()]
+        self.threshold = calibration(self.model, features, float(self.config.max_fpr))
         out = {"last": self.threshold, "best": None}
         best = best_epoch(self.history)
         if not self.config.checkpoint_dir:
@@ -303,17 +284,10 @@ class AltUBTrainer:
         if best[0] == self.epoch:
             self.save_checkpoint(kind="best")
             out["best"] = self.threshold
-        elif self.is_main:
-            path = os.path.join(self.config.checkpoint_dir, "best.pt")
-            ck = load_checkpoint_file(path)
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(ck["model"], strict=False)
-            out["best"] = self._calibrate(model, features, warn=False)
-            ck["model"] = model.trainable_state_dict(include_backbone=bool(ck.get("backbone_saved")))
-            ck["threshold"], ck["selection"] = out["best"], self.selection()
-            atomic_save(ck, path)
+        else:
+            out["best"] = self.store.recalibrate(self.model, "best", features, float(self.config.max_fpr),
+                                                 self.selection())
         return out
-
 
     def _stop_reason(self, auto: bool, target: int) -> Optional[str]:
         if not auto:
@@ -399,105 +373,47 @@ class AltUBTrainer:
         return format_record(r)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_backbone(self) -> bool:
-        sb = self.config.save_backbone
-        if sb == "auto":
-            return bool(getattr(self.model.backbone, "random_weights", False))
-        return bool(sb)
+    @property
+    def last_checkpoint(self) -> Optional[str]:
+        return self.store.last
+
+    @property
+    def best_checkpoint(self) -> Optional[str]:
+        return self.store.best
 
     def state_dict(self) -> dict:
-        model = self.model
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model_class": type(model).__name__,
-            "model_config": dict(getattr(model, "config", {})),
-            "backbone": model.backbone.describe() if hasattr(model.backbone, "describe") else {},
-            "backbone_saved": self._save_backbone(),
-            "model": model.trainable_state_dict(include_backbone=self._save_backbone()),
-            "optimizer": self.optimizer.state_dict(),
-            "base_optimizer": self.base_optimizer.state_dict() if self.base_optimizer is not None else None,
-            "epoch": self.epoch, "global_step": self.global_step, "base_updates": self.base_updates,
-            "skipped_updates": self.skipped_updates,
-            "schedule": dataclasses.asdict(self.schedule),
-            "train_config": self.config.to_dict(),
-            "history": self.history,
-            "rng": rng_state(),
-            "world_size": self.world_size,
-            "heldout": self.split.to_dict(),
-            "selection": self.selection(),
-            # {"value", "max_fpr", "n_heldout", "score_mode", ...}: set by calibrate_checkpoints()
-            "threshold": self.threshold,
-        }
+        """The checkpoint of the current state (store.py says what it holds)."""
+        run = {"epoch": self.epoch, "global_step": self.global_step, "base_updates": self.base_updates,
+               "skipped_updates": self.skipped_updates, "schedule": dataclasses.asdict(self.schedule),
+               "train_config": self.config.to_dict(), "history": self.history, "world_size": self.world_size,
+               "heldout": self.split.to_dict(), "selection": self.selection(),
+               # {"value", "max_fpr", "n_heldout", "score_mode", ...}: set by calibrate_checkpoints()
+               "threshold": self.threshold}
+        return self.store.state(self.model, self.optimizer, self.base_optimizer, run)
 
     def save_checkpoint(self, path: Optional[str] = None, kind: str = "last") -> Optional[str]:
         """Write a checkpoint atomically (rank 0 only): ``<checkpoint_dir>/<kind>.pt`` by default
         (``kind`` "last" or "best", recorded in the file). Refuses (keeping the previous file) if
         any trainable parameter is non-finite."""
-        if kind not in ("last", "best"):
-            raise ValueError(f"kind must be 'last' or 'best', got {kind!r}")
-        if path is None:
-            if not self.config.checkpoint_dir:
-                raise ValueError("no path given and no checkpoint_dir configured")
-            path = os.path.join(self.config.checkpoint_dir, f"{kind}.pt")
-        if not self.is_main:
-            return None
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-        if bad:
-            logger.error("not writing checkpoint %s: non-finite parameters %s; the last good checkpoint (%s) is kept",
-                         path, bad[:5], self.last_checkpoint)
-            return None
-        state = self.state_dict()
-        state["kind"] = kind
-        atomic_save(state, path)
-        if kind == "best":
-            self.best_checkpoint = os.path.abspath(path)
-            return self.best_checkpoint
-        if self.config.keep_all_checkpoints:
-            atomic_save(state, os.path.join(os.path.dirname(path), f"epoch_{self.epoch:04d}.pt"))
-        self.last_checkpoint = os.path.abspath(path)
-        return self.last_checkpoint
+        return self.store.save(self.model, self.state_dict, path=path, kind=kind)
 
     def load_checkpoint(self, path: str, restore_rng: bool = True) -> dict:
-        """Restore model (trainable parts), optimisers, schedule position, history and RNG states."""
-        ck = load_checkpoint_file(path)
-        cfg = dict(getattr(self.model, "config", {}))
-        for key in ("name", "backbone", "altub", "image_size"):
-            if key in cfg and key in ck["model_config"] and cfg[key] != ck["model_config"][key]:
-                raise ValueError(f"checkpoint {path!r} is for {key}={ck['model_config'][key]!r}, "
-                                 f"the model has {key}={cfg[key]!r}")
-        result = self.model.load_state_dict(ck["model"], strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint {path!r} does not fit the model: missing {missing[:10]}, "
-                             f"unexpected {list(result.unexpected_keys)[:10]}")
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.base_optimizer is not None and ck.get("base_optimizer") is not None:
-            self.base_optimizer.load_state_dict(ck["base_optimizer"])
+        """Restore model (trainable parts), optimisers, schedule position, history, held-out split
+        and RNG states."""
+        ck = self.store.load(path, self.model, self.optimizer, self.base_optimizer)
         self.epoch = int(ck["epoch"])
         self.global_step = int(ck["global_step"])
         self.base_updates = int(ck["base_updates"])
         self.skipped_updates = int(ck.get("skipped_updates", 0))
         self.history = list(ck.get("history", []))
-        self._restore_split(ck, path)
+        split = restored_split(ck, path, self.split, self.data, self.heldout_data, int(self.config.seed))
+        if split != self.split:
+            self._use_split(split)    # (and forget the caches built for the other split)
         self.threshold = ck.get("threshold")
         if restore_rng:
             set_rng_state(ck["rng"])
-        self.last_checkpoint = os.path.abspath(path)
+        self.store.last = os.path.abspath(path)
         return ck
-
-    def _restore_split(self, ck: dict, path: str) -> None:
-        """Hold out exactly the images the checkpoint's run held out (checked against the data)."""
-        if "heldout" in ck:
-            split = HeldoutSplit.from_dict(ck["heldout"])
-        else:   # written before held-out splits existed: that run trained on every image
-            split = HeldoutSplit("none", 0.0, int(self.config.seed), len(self.data), None, None, None, None)
-        check_same_data(split, self.data, self.heldout_data, f"checkpoint {path!r}")
-        if split == self.split:
-            return
-        if self.split.source != "none" or split.source != "none":
-            warnings.warn(f"resuming from {path}: its held-out split ({split.describe()}) replaces the one "
-                          f"these options asked for ({self.split.describe()})")
-        self._use_split(split)    # (and forget the caches built for the other split)
 
     @classmethod
     def from_checkpoint(cls, path: str, data, model: Optional[nn.Module] = None, heldout=None,
