@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import io
 import json
 import os
 import sys
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,160 +37,22 @@ import torch.nn as nn
 
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .inference.exported import FORMATS, INPUT_NAME, OUTPUT_NAMES, ExportedModel, format_of
+from .inference.graph import (DEFAULT_OPSET, EXAMPLE_BATCH, MAX_BATCH, AnomalyMapModule, ExportCheckError,  # noqa: F401
+                              ExportError, check_images, export_onnx, export_openvino, export_torchscript,
+                              prepare_for_export)
+from .inference.graph import rel_err as _rel_err
+from .inference.runtime import EXPORT_EXTRA, NEEDS, missing_packages as _missing_for
 
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript.pt"}
 _OUT_ENDINGS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}   # --out taken as the file itself
 DEFAULT_RTOL = 1e-4
-DEFAULT_OPSET = 18
-EXAMPLE_BATCH = 2          # the batch size traced; the check runs other sizes
-MAX_BATCH = 1 << 16        # the batch axis' declared upper bound (the graph itself has none)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-_ONNX_STANDARD_DOMAINS = ("", "ai.onnx")
 
 __all__ = ["ExportError", "ExportCheckError", "AnomalyMapModule", "prepare_for_export", "export_model",
            "ExportedModel", "format_of", "check_images", "verify_export", "main"]   # ExportedModel, format_of:
-# defined in altub_fast/inference/exported.py (loading an exported file is inference), re-exported here
-
-
-class ExportError(RuntimeError):
-    """Exporting failed or produced something unusable (a custom op in the graph, ...)."""
-
-
-class ExportCheckError(ExportError):
-    """The exported file does not reproduce PyTorch's maps and scores."""
-
-
-# ----------------------------------------------------------------------------- the exported module
-class AnomalyMapModule(nn.Module):
-    """images (B, 3, H, W) RGB in [0, 1] -> (maps (B, H, W) float32, scores (B,) float32): ImageNet
-    normalisation, then ``model.anomaly_map``. Build it with :func:`prepare_for_export`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.image_size = tuple(int(v) for v in model.image_size)
-        # the constants as buffers, so the exported graph holds them as named initializers
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        maps, scores = self.model.anomaly_map((images - self.mean) / self.std)
-        return maps.float(), scores.float()
-
-
-def prepare_for_export(model: nn.Module) -> AnomalyMapModule:
-    """A copy of ``model`` on the CPU, in eval mode, without gradients, on the plain PyTorch path
-    (every block's ``impl="torch"``), without the data-dependent finiteness check, and (CFLOW-AD)
-    scoring all fibers in one flow call, so no loop bound depends on the batch size."""
-    m = copy.deepcopy(model).cpu().eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for sub in m.modules():   # to become altub_fast.backend.use_plain_path(m) once backend.py lands
-        if hasattr(sub, "impl"):
-            sub.impl = "torch"
-    if hasattr(m, "check_finite"):
-        m.check_finite = False
-    if hasattr(m, "inference_chunk"):
-        m.inference_chunk = 1 << 62
-    module = AnomalyMapModule(m).eval()
-    with torch.no_grad():   # fills lazily built constants (CFLOW-AD's positional encodings) before tracing
-        module(torch.from_numpy(check_images(module.image_size, 1)))
-    return module
-
-
-def check_images(size_hw: Sequence[int], n: int = 3, seed: int = 0) -> np.ndarray:
-    """``n`` deterministic image-like test inputs (n, 3, H, W) float32 in [0, 1]: smooth random
-    colour fields (8x8 noise upsampled) with a little pixel noise."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = int(size_hw[0]), int(size_hw[1])
-    coarse = torch.rand(n, 3, 8, 8, generator=g)
-    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    return (0.9 * smooth + 0.1 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1).numpy().astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- writers
-@contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' progress prints and tracer warnings (errors still raise)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _param_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
-def export_onnx(module: AnomalyMapModule, path: Path, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> List[Path]:
-    """torch.export-based ONNX export with a dynamic batch axis; weights inside the file unless
-    they pass 1.8 GB (then ``<file>.data`` beside it). Returns the written files."""
-    external = _param_bytes(module) > 1_800_000_000
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad(), _quiet():
-        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_shapes={"images": {0: batch}},
-                          opset_version=opset, external_data=external, report=False, verbose=False)
-    _check_onnx_ops(path)
-    files = [path]
-    data = Path(str(path) + ".data")
-    if data.exists():
-        files.append(data)
-    return files
-
-
-def _check_onnx_ops(path: Path) -> None:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in _ONNX_STANDARD_DOMAINS})
-    custom += sorted({f"function {f.domain}::{f.name}" for f in proto.functions})
-    if custom:
-        raise ExportError(f"the ONNX graph {path} holds non-standard operators {custom}: the export must be "
-                          "plain PyTorch (impl='torch')")
-    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    if not isinstance(dims[0], str):
-        raise ExportError(f"the ONNX input's batch axis came out fixed ({dims}); expected a free batch size")
-
-
-def export_torchscript(module: AnomalyMapModule, path: Path, example: torch.Tensor) -> List[Path]:
-    """torch.jit.trace (the batch size is traced symbolically; the check proves other sizes work)."""
-    with torch.no_grad(), _quiet():
-        traced = torch.jit.trace(module, (example,), check_trace=False)
-    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
-    custom = sorted(k for k in kinds if k.startswith("altub_fast::") or k == "prim::PythonOp")
-    if custom:
-        raise ExportError(f"the TorchScript graph holds custom operators {custom}: the export must be plain PyTorch")
-    with _quiet():
-        torch.jit.save(traced, str(path))
-    return [path]
-
-
-def export_openvino(module: AnomalyMapModule, path: Path, example: torch.Tensor, opset: int = DEFAULT_OPSET,
-                    onnx_path: Optional[Path] = None) -> List[Path]:
-    """OpenVINO's converter run on an ONNX export (``onnx_path``, or a temporary one made as
-    :func:`export_onnx` does); weights kept in float32 (``compress_to_fp16=False``). Writes
-    ``<name>.xml`` and ``<name>.bin``."""
-    import openvino as ov
-
-    if path.suffix != ".xml":
-        raise ValueError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
-    with tempfile.TemporaryDirectory(prefix="altub_fast_export_") as tmp:
-        if onnx_path is None:
-            onnx_path = Path(tmp) / "model.onnx"
-            export_onnx(module, onnx_path, example, opset)
-        with _quiet():
-            ov_model = ov.convert_model(str(onnx_path))
-        ov.save_model(ov_model, str(path), compress_to_fp16=False)
-    return [path, path.with_suffix(".bin")]
-
-
-# ----------------------------------------------------------------------------- running an export
-def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| / max |ref| (inf for a shape mismatch or a non-finite value)."""
-    if got.shape != ref.shape or not np.isfinite(got).all():
-        return float("inf")
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max() / scale)
+# defined in altub_fast/inference/exported.py (loading an exported file is inference); the module, the
+# writers and the errors in altub_fast/inference/graph.py (predict's runtime cache exports the same
+# graph); all re-exported here
 
 
 def verify_export(runner: ExportedModel, module: AnomalyMapModule, batches: Sequence[np.ndarray],
@@ -304,20 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: The packages each format needs (OpenVINO converts the ONNX export); all in the ``[export]`` extra.
-NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino"),
-         "torchscript": ()}
-
-
 def missing_packages(formats: List[str]) -> Optional[str]:
-    """None when every package the formats need is installed, else one line naming what is missing
-    and the extra that brings it."""
-    import importlib.util
-    missing = sorted({p for f in formats for p in NEEDS[f] if importlib.util.find_spec(p) is None})
+    """None when every package the formats need is installed (:data:`NEEDS`, from
+    :mod:`altub_fast.inference.runtime`), else one line naming what is missing and the extra that
+    brings it."""
+    missing = _missing_for(formats)
     if not missing:
         return None
-    return (f"--format {' '.join(formats)} needs {', '.join(missing)}, not installed: "
-            f'pip install "altub_fast[export]"')
+    return f"--format {' '.join(formats)} needs {', '.join(missing)}, not installed: {EXPORT_EXTRA}"
 
 
 def _fail(msg: str, status: int = EXIT_USAGE) -> int:

@@ -11,35 +11,51 @@ ImageNet-normalised) and scored by ``model.anomaly_map``. Prints one line per im
 score, path) and writes ``predictions.csv``, ``predictions.json`` and one overlay PNG per image
 (the image, its anomaly map and the decision) to ``--out``.
 
+``--runtime`` (default ``auto``: ONNX Runtime, else OpenVINO, else PyTorch, whichever is installed
+first; see :mod:`altub_fast.inference.runtime`) scores with the model exported once into
+``<checkpoint>.exports/`` (keyed by the checkpoint's SHA-256, the input size and the runtime's
+version; a corrupt entry is rebuilt) and checked against PyTorch on the first batch: a mismatch
+warns and scores with PyTorch. The header and ``predictions.json`` (``runtime``) say which ran.
+``--workers`` threads decode and resize the next batches while the model runs; memory does not
+grow with the number of files (the maps kept for overlays go to a temporary file). The last lines
+give the end-to-end images/s (files in -> CSV out); a progress line runs on stderr when it is a
+terminal, or with ``--progress``.
+
 The decision is ``defect`` when the score is above the threshold, else ``good``. The threshold is
 ``--threshold`` if given, else the one the trainer stored in the checkpoint (chosen on held-out
 normal images at a false-alarm rate, ``max_fpr``); a checkpoint without one gives the decision
 ``n/a`` and says so. A file that cannot be read as an image is reported and skipped.
 
 Exit status: 0 all images scored; 1 some files were skipped (listed at the end and in the outputs);
-2 nothing to do (no input, a bad checkpoint, a bad argument).
+2 nothing to do (no input, a bad checkpoint, a bad argument, a --runtime that is not installed).
+
+Where things are: this file reads the command line and prints; ``predict_scoring.py`` runs the
+read-ahead scoring loop, ``predict_outputs.py`` writes the CSV, JSON and overlays.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .inference import CheckpointError, Scorer, open_checkpoint   # opening, reading, scoring: altub_fast/inference/
+from .inference.pipeline import DEFAULT_WORKERS
+from .inference.runtime import RUNTIMES, RuntimeUnavailable
+from .predict_outputs import write_outputs, write_overlays
+from .predict_scoring import (DEFECT, ERROR, GOOD, NO_DECISION, MapSpill, Prediction, ScoreResult,  # noqa: F401
+                              decide, score_files)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
-GOOD, DEFECT, NO_DECISION, ERROR = "good", "defect", "n/a", "error"
 _GLOB_CHARS = set("*?[")
 
 __all__ = ["CheckpointError", "Threshold", "Prediction", "ScoreResult", "open_checkpoint", "collect_inputs",
-           "resolve_threshold", "decide", "score_files", "main"]
+           "resolve_threshold", "decide", "score_files", "write_outputs", "write_overlays", "main"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -132,165 +148,6 @@ def resolve_threshold(ck: dict, override: Optional[float] = None, score_mode: Op
                      int(n) if n is not None else None, str(mode) if mode else None)
 
 
-def decide(score: float, threshold: Optional[float]) -> str:
-    """``defect`` if ``score > threshold``, ``good`` otherwise, ``n/a`` without a threshold."""
-    if threshold is None:
-        return NO_DECISION
-    return DEFECT if score > threshold else GOOD
-
-
-# ----------------------------------------------------------------------------- scoring
-@dataclass
-class Prediction:
-    path: str
-    score: Optional[float] = None
-    decision: str = ERROR
-    error: Optional[str] = None
-    index: int = -1             # position among the scored images (overlay numbering); -1 for errors
-
-
-@dataclass
-class ScoreResult:
-    predictions: List[Prediction]            # every file, in input order
-    maps: Dict[int, "object"] = field(default_factory=dict)   # file position -> (H, W) float16 map
-    map_range: Tuple[float, float] = (math.inf, -math.inf)
-    n_scored: int = 0
-
-    def record(self, position: int, amap, score, threshold: Optional[float], keep_maps: int) -> None:
-        """File ``position`` scored: its score, decision and overlay number; its map kept (float16,
-        on the CPU) while fewer than ``keep_maps`` are; the maps' range widened."""
-        import torch
-
-        pred = self.predictions[position]
-        pred.score = float(score)
-        pred.decision = decide(pred.score, threshold)
-        pred.index = self.n_scored
-        amap = amap.float()
-        lo, hi = self.map_range
-        self.map_range = (min(lo, float(amap.min())), max(hi, float(amap.max())))
-        if self.n_scored < keep_maps:
-            self.maps[position] = amap.to("cpu", torch.float16)
-        self.n_scored += 1
-
-
-def _score_batch(scorer: Scorer, images, ok: List[int]):
-    """([(position in chunk, map, score)], [(position in chunk, error)]) for the loaded images of a
-    chunk: one scorer call, or, where its map is not finite, one call per image to find the culprits."""
-    from .models import NonFiniteError
-
-    if not ok:
-        return [], []
-    try:
-        maps, scores = scorer.score(images)
-        return [(j, maps[k], scores[k]) for k, j in enumerate(ok)], []
-    except NonFiniteError:
-        outputs, errors = [], []
-        for k, j in enumerate(ok):
-            try:
-                m, s = scorer.score(images[k:k + 1])
-                outputs.append((j, m[0], s[0]))
-            except NonFiniteError as e:
-                errors.append((j, f"the model's anomaly map is not finite: {e}"))
-        return outputs, errors
-
-
-def score_files(model, files: Sequence[str], *, batch_size: int = 16, device: Optional[str] = None,
-                threshold: Optional[float] = None, keep_maps: int = 0, progress: bool = True,
-                on_result: Optional[Callable[[Prediction], None]] = None) -> ScoreResult:
-    """Score ``files`` in batches with ``model.anomaly_map`` (``model``: a trained model, or a
-    :class:`~altub_fast.inference.Scorer`, which reads and scores the images). Unreadable files (and
-    images whose map is not finite) become predictions with decision ``error``. The maps of the
-    first ``keep_maps`` scored images are kept (float16, on the CPU) for overlays."""
-    from tqdm import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    scorer = model if isinstance(model, Scorer) else Scorer(model, device)
-    result = ScoreResult([Prediction(str(f)) for f in files])
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr)
-    for start in range(0, len(files), batch_size):
-        chunk = list(files[start:start + batch_size])
-        images, ok, bad = scorer.read(chunk)
-        outputs, not_finite = _score_batch(scorer, images, ok)
-        for j, msg in bad + not_finite:
-            result.predictions[start + j].error = msg
-        for j, amap, score in outputs:
-            result.record(start + j, amap, score, threshold, keep_maps)
-        for j in range(len(chunk)):
-            if on_result is not None:
-                on_result(result.predictions[start + j])
-        bar.update(len(chunk))
-    bar.close()
-    return result
-
-
-# ----------------------------------------------------------------------------- outputs
-def write_outputs(result: ScoreResult, thr: Threshold, out_dir: Path, checkpoint: str, extra: dict) -> List[Path]:
-    """predictions.csv and predictions.json (written atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [dict(path=p.path, score="" if p.score is None else repr(p.score), decision=p.decision,
-                 threshold="" if thr.value is None else repr(thr.value), error=p.error or "")
-            for p in result.predictions]
-    csv_path, json_path = out_dir / "predictions.csv", out_dir / "predictions.json"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "score", "decision", "threshold", "error"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, csv_path)
-    preds = result.predictions
-    doc = {
-        "checkpoint": checkpoint,
-        "threshold": thr.to_dict(),
-        "decision_rule": "defect if score > threshold",
-        "counts": {"files": len(preds), "scored": sum(p.score is not None for p in preds),
-                   DEFECT: sum(p.decision == DEFECT for p in preds), GOOD: sum(p.decision == GOOD for p in preds),
-                   "skipped": sum(p.error is not None for p in preds)},
-        **extra,
-        "predictions": [dict(path=p.path, score=p.score, decision=p.decision, threshold=thr.value)
-                        for p in preds if p.error is None],
-        "skipped": [dict(path=p.path, error=p.error) for p in preds if p.error is not None],
-    }
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, json_path)
-    return [csv_path, json_path]
-
-
-def write_overlays(result: ScoreResult, model, thr: Threshold, out_dir: Path, chunk: int = 16) -> List[Path]:
-    """One PNG per kept map: the image, the map over it and alone, titled with score and decision.
-    The colour range is the range of every map of the run, so colours compare across files."""
-    import torch
-
-    from .inference import read_images
-    from .viz import save_overlays
-
-    size_hw = tuple(int(v) for v in model.image_size)
-    lo, hi = result.map_range
-    keep = sorted(result.maps)
-    written: List[Path] = []
-    for s in range(0, len(keep), chunk):
-        pos = keep[s:s + chunk]
-        preds = [result.predictions[i] for i in pos]
-        images, ok, _ = read_images([p.path for p in preds], size_hw, normalise=False)
-        if len(ok) != len(pos):
-            print(f"warning: no overlays for {len(pos)} images: a file changed on disk since it was scored",
-                  file=sys.stderr)
-            continue
-        titles = []
-        for p in preds:
-            if thr.value is None:
-                verdict = "no threshold"
-            else:
-                verdict = f"{'>' if p.decision == DEFECT else '<='} threshold {thr.value:.4g}: {p.decision.upper()}"
-            titles.append(f"{p.path}\nscore {p.score:.4g}, {verdict}")
-        maps = torch.stack([result.maps[i].float() for i in pos])
-        written += save_overlays(images, maps, None, [p.path for p in preds], out_dir, normalized=False,
-                                 vmin=lo, vmax=hi, titles=titles, start_index=preds[0].index)
-    return written
-
-
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m altub_fast.predict", description=__doc__.split("\n\n")[0],
@@ -306,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlays", type=int, default=None,
                    help="write overlay PNGs for the first N scored images (default: all; 0: none)")
     p.add_argument("--recursive", action="store_true", help="also score files in sub-folders of folder arguments")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-image table")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="what runs the model: auto (default: the fastest installed of onnxruntime, openvino; else "
+                        "torch), torch (eager PyTorch), onnxruntime, openvino (both on the CPU, from an export "
+                        "cached beside the checkpoint and checked against PyTorch on the first batch)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"threads reading and resizing images ahead of the model (default {DEFAULT_WORKERS}; "
+                        "0: read in the main thread)")
+    p.add_argument("--progress", action="store_true",
+                   help="show the progress line on stderr even when it is not a terminal")
+    p.add_argument("--quiet", action="store_true", help="no progress line (unless --progress) and no per-image table")
     return p
 
 
@@ -323,6 +189,8 @@ def _argument_problem(args) -> Optional[str]:
     """What is wrong with the options, or None."""
     if args.batch_size < 1:
         return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.workers < 0:
+        return f"--workers must be 0 or more, got {args.workers}"
     if args.max_overlays is not None and args.max_overlays < 0:
         return f"--max-overlays must be 0 or more, got {args.max_overlays}"
     if args.threshold is not None and not math.isfinite(args.threshold):
@@ -332,10 +200,21 @@ def _argument_problem(args) -> Optional[str]:
     return None
 
 
-def _print_header(model, thr: Threshold, n_files: int, args, device: str) -> None:
+def runtime_text(info: dict) -> str:
+    """One phrase naming the runtime that scores, e.g. ``runtime onnxruntime 1.20.1 (auto; cached export)``."""
+    text = f"runtime {info['runtime']} {info['version']}"
+    how = [] if info.get("requested") in (None, info["runtime"]) else [str(info["requested"])]
+    exports = list((info.get("exports") or {}).values())
+    if exports and info["runtime"] != "torch":
+        how.append("cached export" if exports[-1]["cached"] else "exported now")
+    return text + (f" ({'; '.join(how)})" if how else "")
+
+
+def _print_header(model, thr: Threshold, n_files: int, args, device: str, scorer: Scorer) -> None:
     h, w = model.image_size
     print(f"altub_fast predict: {n_files} files, {model.config.get('name', type(model).__name__)} "
-          f"({model.config.get('backbone', '?')}, {h}x{w}) from {args.checkpoint}, device {device}")
+          f"({model.config.get('backbone', '?')}, {h}x{w}) from {args.checkpoint}, device {device}, "
+          f"{runtime_text(scorer.info)}")
     print(thr.note)
     if not getattr(model, "calibrated", True):
         print(f"warning: the model's score normalisation was never calibrated on held-out normal images (a checkpoint "
@@ -345,8 +224,8 @@ def _print_header(model, thr: Threshold, n_files: int, args, device: str) -> Non
         print(f"{'decision':7s} {'score':>12s}  path")
 
 
-def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written: int) -> int:
-    """The closing lines (counts, files written, skipped files); returns the exit status."""
+def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written: int, extra: dict) -> int:
+    """The closing lines (counts, speed, files written, skipped files); returns the exit status."""
     preds = result.predictions
     skipped = [p for p in preds if p.error is not None]
     scored = [p for p in preds if p.error is None]
@@ -358,6 +237,11 @@ def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written
         summary += " (no decisions: no threshold)"
     print(summary + f"; wrote {out_dir / 'predictions.csv'}, predictions.json"
           + (f" and {n_written - 2} overlays under {out_dir / 'overlays'}" if n_written > 2 else ""))
+    t = extra.get("throughput")
+    if t:
+        print(f"{t['files']} files in {t['seconds_end_to_end']:.3g} s: {t['images_per_s_end_to_end']:.3g} images/s "
+              f"end to end (files in -> CSV out; {runtime_text(extra['runtime'])}; setup {t['setup_seconds']:.3g} s "
+              f"before)")
     if skipped:
         print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
         for p in skipped:
@@ -366,7 +250,34 @@ def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written
     return EXIT_OK
 
 
+def _device(args) -> Tuple[Optional[str], Optional[str]]:
+    """(the device, None) or (None, what is wrong with --device / --runtime)."""
+    import torch
+
+    from .inference.runtime import resolve_runtime
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return None, f"--device {device} was asked for but torch sees no CUDA device"
+    try:
+        resolve_runtime(args.runtime, device)
+    except RuntimeUnavailable as e:
+        return None, str(e)
+    return device, None
+
+
+def _scorer(model, args, device: str) -> Scorer:
+    """The scorer for --runtime, its export ready (built or found in the cache) before the clock starts."""
+    from .inference.runtime_scorer import make_scorer
+
+    scorer = make_scorer(model, args.runtime, checkpoint=args.checkpoint, device=device)
+    if hasattr(scorer, "prepare"):
+        scorer.prepare()
+    return scorer
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    t_setup = time.perf_counter()
     args = build_parser().parse_args(argv)
     problem = _argument_problem(args)
     if problem:
@@ -374,13 +285,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     files, problems = collect_inputs(args.paths, recursive=args.recursive)
     if not files:
         return _fail("no input images: " + "; ".join(f"{a}: {why}" for a, why in problems))
+    device, problem = _device(args)
+    if problem:
+        return _fail(problem)
 
     import torch
     from tqdm import tqdm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return _fail(f"--device {device} was asked for but torch sees no CUDA device")
     try:
         model, ck = open_checkpoint(args.checkpoint, device=device)
         thr = resolve_threshold(ck, args.threshold, getattr(model, "score_mode", None))
@@ -388,22 +299,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(e))
     out_dir = Path(args.out or Path("runs") / f"predict-{Path(args.checkpoint).stem}")
     keep = len(files) if args.max_overlays is None else args.max_overlays
-    _print_header(model, thr, len(files), args, device)
+    scorer = _scorer(model, args, device)
+    _print_header(model, thr, len(files), args, device, scorer)
 
     def show(p: Prediction) -> None:
         if not args.quiet:
             tqdm.write(_row(p.decision, p.score, p.path) + (f"   ({p.error})" if p.error else ""), file=sys.stdout)
 
-    result = score_files(Scorer(model, device), files, batch_size=args.batch_size, threshold=thr.value,
-                         keep_maps=keep, progress=not args.quiet, on_result=show)
+    started = time.perf_counter()
+    result = score_files(scorer, files, batch_size=args.batch_size, threshold=thr.value, keep_maps=keep,
+                         progress=args.progress or (not args.quiet and sys.stderr.isatty()), on_result=show,
+                         workers=args.workers)
     for arg, why in problems:
         result.predictions.append(Prediction(arg, error=why))
     extra = {"model": dict(model.config), "image_size": list(model.image_size), "device": device,
-             "torch": torch.__version__}
-    written = write_outputs(result, thr, out_dir, args.checkpoint, extra)
-    if keep > 0 and result.maps:
+             "torch": torch.__version__, "runtime": scorer.info, "batch_size": args.batch_size,
+             "workers": args.workers}
+    written = write_outputs(result, thr, out_dir, args.checkpoint, extra, started=started,
+                            setup_seconds=started - t_setup)
+    if keep > 0 and len(result.maps):
         written += write_overlays(result, model, thr, out_dir / "overlays")
-    return _print_summary(result, thr, out_dir, len(written))
+    result.maps.close()
+    return _print_summary(result, thr, out_dir, len(written), extra)
 
 
 if __name__ == "__main__":

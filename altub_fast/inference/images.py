@@ -8,14 +8,14 @@ downstream has to undo it.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..data.mvtec import DatasetError, load_image
 from ..imagenet import normalise as imagenet_normalise
 
-__all__ = ["ImageBatch", "read_image", "read_images"]
+__all__ = ["ImageBatch", "read_image", "read_images", "try_read_image", "stack_batch"]
 
 
 class ImageBatch(NamedTuple):
@@ -32,19 +32,29 @@ def read_image(path: str, size_hw: Tuple[int, int], normalise: bool = True) -> t
     return imagenet_normalise(image) if normalise else image
 
 
+def try_read_image(path: str, size_hw: Tuple[int, int], normalise: bool = True) -> Tuple[Optional[torch.Tensor], str]:
+    """(image, "") as :func:`read_image` gives it, or (None, why it cannot be read) (a file PIL
+    cannot identify is reported as not an image file). Safe to call from worker threads."""
+    try:
+        return read_image(path, size_hw, normalise), ""
+    except (DatasetError, OSError, ValueError) as e:
+        msg = str(e)
+        if "cannot identify image file" in msg:
+            msg = f"not an image file (PIL cannot identify it): {path}"
+        return None, msg
+
+
+def stack_batch(results: Sequence[Tuple[Optional[torch.Tensor], str]], size_hw: Tuple[int, int]) -> ImageBatch:
+    """An :class:`ImageBatch` from :func:`try_read_image` results, in order."""
+    images = [im for im, _ in results if im is not None]
+    ok = [i for i, (im, _) in enumerate(results) if im is not None]
+    bad = [(i, msg) for i, (im, msg) in enumerate(results) if im is None]
+    stacked = torch.stack(images) if images else torch.empty(0, 3, int(size_hw[0]), int(size_hw[1]))
+    return ImageBatch(stacked, ok, bad)
+
+
 def read_images(files: Sequence[str], size_hw: Tuple[int, int], normalise: bool = True) -> ImageBatch:
     """The files that load, stacked (n, 3, H, W) (see :func:`read_image`), with the positions of the
-    others and why each failed (a file PIL cannot identify is reported as not an image file)."""
+    others and why each failed (see :func:`try_read_image`)."""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
-    images, ok, bad = [], [], []
-    for i, f in enumerate(files):
-        try:
-            images.append(read_image(f, size_hw, normalise))
-            ok.append(i)
-        except (DatasetError, OSError, ValueError) as e:
-            msg = str(e)
-            if "cannot identify image file" in msg:
-                msg = f"not an image file (PIL cannot identify it): {f}"
-            bad.append((i, msg))
-    stacked = torch.stack(images) if images else torch.empty(0, 3, *size_hw)
-    return ImageBatch(stacked, ok, bad)
+    return stack_batch([try_read_image(f, size_hw, normalise) for f in files], size_hw)

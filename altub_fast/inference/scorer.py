@@ -3,14 +3,16 @@
 :class:`Scorer` is the one object between "images" and "(maps, scores)". Its ``score(images)``
 runs ``model.anomaly_map`` on ``device`` without gradients; ``input_normalised`` says which images
 it takes (True: ImageNet-normalised, as :func:`~altub_fast.inference.images.read_images` gives them
-by default) and ``read(files)`` reads files that way. A scorer for another runtime (an exported ONNX
-or OpenVINO graph, whose normalisation is inside) replaces ``score`` and sets
-``input_normalised = False``; the callers (predict, eval) do not change.
+by default) and ``read(files)`` reads files that way. The scorer of an exported runtime
+(:class:`~altub_fast.inference.runtime_scorer.RuntimeScorer`: ONNX Runtime or OpenVINO, whose
+graph holds the normalisation) replaces ``score`` and may set ``input_normalised = False``; the
+callers (predict, eval) do not change. ``info`` says which runtime scores.
 
 :func:`score_dataset` (formerly ``altub_fast.train.predict``, still importable under that name)
-scores every batch of a Dataset or DataLoader through ``model.partial_anomaly_map`` and combines the
-parts at the end (``model.combine_anomaly_maps``: CFLOW-AD's maps are normalised by the maximum over
-the whole set, SPEC 4), collecting labels, masks, defect names and paths on the way.
+scores every batch of a Dataset or DataLoader through ``model.partial_anomaly_map`` (or a given
+scorer's ``partial``) and combines the parts at the end (``model.combine_anomaly_maps``; for both
+models today every map is per image and the parts are concatenated), collecting labels, masks,
+defect names and paths on the way.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ class Scorer:
             (p.device for p in model.parameters()), torch.device("cpu"))
         self.amp = amp and self.device.type == "cuda"
         self.image_size: Tuple[int, int] = tuple(int(v) for v in model.image_size)
+        # which runtime scores (RuntimeScorer keeps the same record for its export and its check)
+        self.info: Dict[str, Any] = {"requested": "torch", "runtime": "torch", "version": torch.__version__,
+                                     "exports": {}, "check": None, "note": None}
 
     def read(self, files: Sequence[str]) -> ImageBatch:
         """The files as :meth:`score` takes them (see :func:`~altub_fast.inference.images.read_images`)."""
@@ -95,19 +100,21 @@ class _BatchInfo:
 
 @torch.no_grad()
 def score_dataset(model: nn.Module, data, batch_size: int = 32, device: Optional[Device] = None,
-                  progress: bool = True, num_workers: int = 0, amp: bool = False) -> Dict[str, Any]:
+                  progress: bool = True, num_workers: int = 0, amp: bool = False,
+                  scorer: Optional[Scorer] = None) -> Dict[str, Any]:
     """Anomaly maps and scores of a whole dataset, batched.
 
     Returns {"maps": (N, H, W) float32, "scores": (N,) float32, "labels": (N,) or None,
     "masks": (N, 1, H, W) or None, "defects": list or None, "paths": list or None}, on the CPU.
-    CFLOW-AD's maps are normalised by the maximum over the whole set (SPEC 4). The model is moved
-    to ``device`` (default: its parameters' device) and put in eval mode.
+    The model is moved to ``device`` (default: its parameters' device) and put in eval mode.
+    ``scorer``: the :class:`Scorer` to use (e.g. :func:`~altub_fast.inference.make_scorer`'s, fed
+    the dataset's normalised images); default eager PyTorch on ``device``.
     """
     if isinstance(data, DataLoader):
         loader = data
     else:
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scorer = Scorer(model, device, amp)
+    scorer = scorer if scorer is not None else Scorer(model, device, amp)
     model.to(scorer.device).eval()
     parts, info = [], _BatchInfo()
     for batch in tqdm(loader, desc="scoring", disable=not progress, dynamic_ncols=True):
