@@ -541,7 +541,8 @@ def test_launcher_errors(monkeypatch):
         if DEVICE == "cpu":
             with pytest.raises(TypeError, match="bfloat16"):
                 oc.coupling_forward(x.bfloat16(), a, g, beta, perm)
-            monkeypatch.setattr(oc, "interpreter_active", lambda: False)
+            from altub_fast.ops import coupling_launch  # where the launchers look it up
+            monkeypatch.setattr(coupling_launch, "interpreter_active", lambda: False)
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
                 oc.coupling_forward(x, a, g, beta, perm)
     with pytest.raises(ValueError, match="mu and log_sigma"):
