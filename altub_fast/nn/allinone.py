@@ -85,18 +85,29 @@ class AllInOneBlock(InvertibleModule):
         self.global_affine_type = global_affine_type
         self.impl = impl
 
-        if permute_soft and channels > 512:
-            warnings.warn("Soft permutation will take a very long time to initialize "
-                          f"with {channels} feature channels. Consider using hard permutation instead.")
-
         g0 = reference.global_scale_init(global_affine_init, global_affine_type)
         shape = (1, channels, *([1] * self.input_rank))
         self.global_scale = nn.Parameter(torch.ones(shape) * float(g0))
         self.global_offset = nn.Parameter(torch.zeros(shape))
 
+        self._init_permutation(channels)
+
+        if subnet_constructor is None:
+            raise ValueError("Please supply a callable subnet_constructor function or object (see docstring)")
+        self.subnet = subnet_constructor(self.splits[0] + self.condition_channels, 2 * self.splits[1])
+        self.last_jac = None
+        self.state_dict_layout = state_dict_layout
+
+    def _init_permutation(self, channels: int) -> None:
+        """The permutation's parameters (dense ``w_perm``/``w_perm_inv``, or Householder ``vk_householder``
+        and ``w_0``) and the index form of a hard one (buffers ``perm``/``perm_inv``)."""
+        if self.permute_soft and channels > 512:
+            warnings.warn("Soft permutation will take a very long time to initialize "
+                          f"with {channels} feature channels. Consider using hard permutation instead.")
+
         # The same draws from numpy's global generator as FrEIA, so a seeded construction gives
         # FrEIA's permutation.
-        if permute_soft:
+        if self.permute_soft:
             from scipy.stats import special_ortho_group
             w = special_ortho_group.rvs(channels)
         else:
@@ -114,19 +125,13 @@ class AllInOneBlock(InvertibleModule):
                                        requires_grad=False)
             self.w_perm_inv = nn.Parameter(torch.FloatTensor(w.T).view(channels, channels, *([1] * self.input_rank)),
                                            requires_grad=False)
-        self.hard_permutation = not (permute_soft or self.householder)
+        self.hard_permutation = not (self.permute_soft or self.householder)
         # Index form of the hard permutation; not in the state_dict (w_perm is), rebuilt on load.
         self.register_buffer("perm", reference.perm_from_matrix(self.w_perm.data) if self.hard_permutation
                              else torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("perm_inv", reference.invert_perm(self.perm) if self.hard_permutation
                              else torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_load_state_dict_post_hook(AllInOneBlock._rebuild_perm_hook)
-
-        if subnet_constructor is None:
-            raise ValueError("Please supply a callable subnet_constructor function or object (see docstring)")
-        self.subnet = subnet_constructor(self.splits[0] + self.condition_channels, 2 * self.splits[1])
-        self.last_jac = None
-        self.state_dict_layout = state_dict_layout
 
     def output_dims(self, input_dims):
         return input_dims
