@@ -137,7 +137,8 @@ class CFlow(FlowModel):
         self.channels = list(self.backbone.channels)
         self.feature_shapes = self.backbone.feature_shapes(self.image_size)
         self.decoders = nn.ModuleList([cflow_decoder(c, cfg.condition_dim, cfg.coupling_blocks, cfg.clamp,
-                                                     cfg.permute_soft, cfg.clamp_mode, cfg.impl) for c in self.channels])
+                                                     cfg.permute_soft, cfg.clamp_mode, cfg.impl)
+                                       for c in self.channels])
         self.bases = nn.ModuleList([LearnableGaussian(c, learnable=cfg.altub) for c in self.channels])
         self._pos_cache: Dict[Tuple[int, int, str], Tensor] = {}
         self.scorer = MapScorer(len(self.channels), self.image_size, cfg.score, cfg.image_score, cfg.topk_fraction)

@@ -103,7 +103,8 @@ class FastFlow(FlowModel):
       image_size: input size (int or (H, W)); sets the LayerNorm shapes.
       pretrained, weights: backbone weights (timm download / packaged file, or a local file).
       altub: learnable base (True) or the fixed N(0, I) of the baseline (False).
-      flow_steps, hidden_ratio, conv3x3_only: default per backbone (:data:`~altub_fast.models.config.FASTFLOW_DEFAULTS`).
+      flow_steps, hidden_ratio, conv3x3_only: default per backbone
+        (:data:`~altub_fast.models.config.FASTFLOW_DEFAULTS`).
       clamp: affine clamping (2.0); clamp_mode: see :class:`AllInOneBlock`.
       out_indices: timm stages for CNNs (default (1, 2, 3)); vit_block_index: for transformers.
       impl: implementation switch passed to every block (None: ``ALTUB_FAST_IMPL``).

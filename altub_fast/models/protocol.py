@@ -27,7 +27,8 @@ class TrainableFlow(Protocol):
     #: DistributedDataParallel's ``find_unused_parameters``: True where one update leaves some flow
     #: parameters out (CFLOW-AD trains one layer's decoder per unit).
     has_unused_parameters: bool
-    #: The model's arguments as data (a dataclass with ``to_dict()``, stored in checkpoints).
+    #: The model's arguments as data (FastFlowConfig / CFlowConfig of :mod:`.config`: a dataclass whose
+    #: ``to_dict()`` is what checkpoints store; :func:`config_dict` accepts a plain dict too).
     config: Any
     #: How many feature scales (or CFLOW-AD layers) the backbone gives.
     num_scales: int
