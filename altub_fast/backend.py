@@ -14,8 +14,9 @@ with its ``impl`` attribute. :func:`choose` answers, for the tensors of a call:
 - "torch": the plain PyTorch reference (``altub_fast.reference``), the oracle the tests compare with.
 
 :func:`resolve_impl` is the two-way answer the fused ops need ("triton" or "torch", no CPU fast
-path). :func:`check_kernel_tensors` is what the kernels' launchers check about devices, dtypes and
-the interpreter before they launch; :func:`use_plain_path` puts a whole model on "torch" (export).
+path), :func:`cpu_fast_applies` the yes/no the CPU fast path needs. :func:`check_kernel_tensors`
+is what the kernels' launchers check about devices, dtypes and the interpreter before they
+launch; :func:`use_plain_path` puts a whole model on "torch" (export).
 
 Nothing here imports Triton at module import time (only :func:`unavailable_reason` tries to).
 """
@@ -104,15 +105,26 @@ def resolve_impl(impl: Optional[str], *tensors: Tensor) -> str:
     return TORCH
 
 
-def choose(*tensors: Tensor, impl: Optional[str] = None) -> str:
-    """"triton", "torch" or "cpu_fast" for a call on ``tensors`` (see the module docstring)."""
+def _cpu_fast(tensors: Tuple[Tensor, ...], which: str) -> bool:
     if not tensors:
         raise ValueError("choose needs at least one tensor")
+    return (which == "auto" and all(t.device.type == "cpu" for t in tensors) and not interpreter()
+            and not tracing())
+
+
+def choose(*tensors: Tensor, impl: Optional[str] = None) -> str:
+    """"triton", "torch" or "cpu_fast" for a call on ``tensors`` (see the module docstring)."""
     which = requested(impl)
-    if (which == "auto" and all(t.device.type == "cpu" for t in tensors) and not interpreter()
-            and not tracing()):
+    if _cpu_fast(tensors, which):
         return CPU_FAST
     return resolve_impl(which, *tensors)
+
+
+def cpu_fast_applies(*tensors: Tensor, impl: Optional[str] = None) -> bool:
+    """Whether :func:`choose` answers "cpu_fast", asked without resolving Triton: no import of
+    Triton, and False (not the RuntimeError) for an ``impl="triton"`` the tensors cannot take.
+    What the CPU fast path itself asks before it runs."""
+    return _cpu_fast(tensors, requested(impl))
 
 
 def check_kernel_tensors(named: Iterable[Tuple[str, Tensor]], data: Iterable[Tuple[str, Tensor]],

@@ -23,6 +23,18 @@ def test_choose_cpu_fast_on_the_cpu_under_auto(user_cpu, monkeypatch):
     assert backend.choose(x, impl="auto") == "cpu_fast"  # a per-call choice overrides the environment
 
 
+def test_cpu_fast_applies_is_choose_without_refusing(user_cpu, monkeypatch):
+    x = torch.zeros(1, 3, 4, 4)
+    assert backend.cpu_fast_applies(x) and backend.cpu_fast_applies(x, impl=" AUTO ")
+    assert not backend.cpu_fast_applies(x, impl="torch")
+    assert not backend.cpu_fast_applies(x, impl="triton")  # choose would refuse it; this only says no
+    assert not backend.cpu_fast_applies(x, torch.zeros(1, device="meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend.cpu_fast_applies(x)
+    with pytest.raises(ValueError, match="impl must be one of.*'fast'"):
+        backend.cpu_fast_applies(x, impl="fast")
+
+
 def test_choose_torch(user_cpu, monkeypatch):
     x = torch.zeros(2, 4)
     assert backend.choose(x, impl="torch") == "torch"
