@@ -199,5 +199,5 @@ class AltUBCflow(AltUBTraining, Cflow):
             loss = self.altub_update(lambda: self.model.unit_loss(layer, e, c),
                                      lambda: self.model.unit_base_only_loss(layer, e, c))
             total += loss * e.shape[0]
-        self._log_altub(total)
+        self._log_altub(total, batch.image.shape[0])
         return {"loss": total}

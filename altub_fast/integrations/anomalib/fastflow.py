@@ -188,5 +188,5 @@ class AltUBFastflow(AltUBTraining, Fastflow):
         del args, kwargs
         images = batch.image
         loss = self.altub_update(lambda: self.model.loss(images), lambda: self.model.base_only_loss(images))
-        self._log_altub(loss)
+        self._log_altub(loss, images.shape[0])
         return {"loss": loss}

@@ -157,9 +157,10 @@ class AltUBTraining:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _log_altub(self, loss: Tensor) -> None:
-        self.log("train_loss", float(loss), on_epoch=True, prog_bar=True, logger=True)
-        self.log("base_only_updates", float(self.base_only_updates), on_epoch=True, logger=True)
+    def _log_altub(self, loss: Tensor, batch_size: int) -> None:
+        self.log("train_loss", float(loss), on_epoch=True, prog_bar=True, logger=True, batch_size=batch_size)
+        self.log("base_only_updates", float(self.base_only_updates), on_step=True, on_epoch=False, logger=True,
+                 batch_size=batch_size)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
