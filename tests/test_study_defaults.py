@@ -1,4 +1,4 @@
-"""The issue-19 defaults study (benchmarks/study_defaults.py): its smallest configuration on a tiny
+"""The issue-19 defaults study (benchmarks/study_defaults.py and its _paint, _report modules): its smallest configuration on a tiny
 synthetic carpet (JSON, tables, the --from-json rebuild), the worst-case ranking on a hand-made
 table, the label-free auto rule and the synthetic-defect painter."""
 import json
@@ -16,18 +16,28 @@ def study():
     return load_benchmark_script("study_defaults")
 
 
-def test_worst_case_ranks_measured_on_ab_first_then_minimum_then_mean(study):
+@pytest.fixture(scope="module")
+def report():
+    return load_benchmark_script("study_defaults_report")
+
+
+@pytest.fixture(scope="module")
+def paint():
+    return load_benchmark_script("study_defaults_paint")
+
+
+def test_worst_case_ranks_measured_on_ab_first_then_minimum_then_mean(report):
     values = {"r1": {"x": [0.9, 0.8], "y": [0.95]}, "r2": {"x": [0.9], "y": [0.9]},
               "r3": {"x": [0.99], "y": [0.99]}, "r4": {"x": [0.85], "y": [0.99]}}
     ab = {"r1": {"A": 0.86, "B": 0.9}, "r2": {"A": 0.95, "B": 0.96}, "r4": {"A": 0.9, "B": 0.9}}
-    rows = study.worst_case(values, ab)
+    rows = report.worst_case(values, ab)
     # r2: min 0.90; r4 and r1 tie on min 0.85, r4 has the higher mean; r3 is best but has no A/B number
     assert [r["rule"] for r in rows] == ["r2", "r4", "r1", "r3"]
     r1 = rows[2]
     assert r1["per"] == pytest.approx({"x": 0.85, "y": 0.95, "A": 0.86, "B": 0.9})
     assert r1["min"] == pytest.approx(0.85) and r1["mean"] == pytest.approx(0.89)
     assert r1["spread"]["x"][1] == 2 and r1["spread"]["x"][0] == pytest.approx(math.sqrt(0.005))
-    md = study.worst_case_md(rows, ["x", "y"])
+    md = report.worst_case_md(rows, ["x", "y"])
     assert md[2].startswith("| 1 | r2 | 0.900 | 0.927 | 0.900 | 0.900 | 0.900 | 0.950 | 0.960 |")
     assert "0.850 ± 0.071 (2)" in md[4]
     assert md[-1].endswith("| not measured on A/B |") and "not measured" not in md[2]
@@ -42,17 +52,17 @@ def test_auto_rule_is_the_trainers(study):
     assert study.auto_choice([1, 2, 3, 4, 5, 6]) == {"stop": 6, "chosen": 1, "stopped": True}
 
 
-def test_object_mask_and_painting_stay_on_the_object(study):
+def test_object_mask_and_painting_stay_on_the_object(paint):
     img = torch.zeros(3, 64, 64)
     img[:, 16:48, 20:44] = 0.8
-    mask, found = study.object_mask(img)
+    mask, found = paint.object_mask(img)
     assert found and mask[20:44, 24:40].all() and not mask[:8].any() and not mask[:, :8].any()
-    texture, found_t = study.object_mask(torch.rand(3, 64, 64))
+    texture, found_t = paint.object_mask(torch.rand(3, 64, 64))
     assert not found_t and texture.all()
     images = img.expand(4, -1, -1, -1).clone()
-    painted, masks, meta = study.paint_defects(images, on_object=True, per_image=2, seed=0)
+    painted, masks, meta = paint.paint_defects(images, on_object=True, per_image=2, seed=0)
     assert painted.shape == (8, 3, 64, 64) and masks.shape == (8, 64, 64)
-    assert [m["kind"] for m in meta] == list(study.DEFECT_KINDS) * 2
+    assert [m["kind"] for m in meta] == list(paint.DEFECT_KINDS) * 2
     changed = (painted - images.repeat(2, 1, 1, 1)).abs().sum(1) > 0
     assert bool((changed <= masks).all())                    # nothing changes outside the defect mask
     assert bool((masks <= mask).all())                       # every defect lies on the object
