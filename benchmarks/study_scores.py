@@ -17,14 +17,15 @@ any default. Run once, in the background, with its log in the repository:
 
     python benchmarks/study_scores.py --out docs/study_scores > docs/study_scores/study.log 2>&1
 
-``--from-json`` rebuilds the tables and plots without training again.
+
+The study's parts: this file (data, the arms, the kNN baseline, the command line),
+``study_scores_report.py`` (the tables and curves, from the JSON alone) and ``study_harness.py``
+(log, JSON, the runner, the merge; shared by the studies).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import platform
 import sys
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from altub_fast.data import MVTecAD, make_synthetic_carpet
 from altub_fast.metrics import compute_all, image_auroc
@@ -42,16 +43,16 @@ from altub_fast.models import build_model, build_backbone
 from altub_fast.models.scoring import SCORE_MODES, concat_parts, image_scores_from_maps
 from altub_fast.train import AltUBTrainer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from study_harness import AUTO_RULE, default_data_root, feature_batches, load_stack, log, run_jobs, save_json  # noqa: E402
+from study_harness import auto_choice as _auto_choice  # noqa: E402
+from study_scores_report import DEFAULT_BLOCKS, merge_json, report  # noqa: E402
+
 BACKBONE = "efficientnet_lite0"
 ALL_BLOCKS = (2, 4, 10, 15)          # features extracted once; each run takes its subset
-DEFAULT_BLOCKS = (2, 4, 10)
 BLOCK_SETS = {"2/4/10": (2, 4, 10), "4/10": (4, 10), "4/10/15": (4, 10, 15)}
 IMAGE_RULES = {"max": ("max", 0.0), "top1%": ("topk", 0.01)}
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
-
-#: Label-free early stopping, as the trainer's ``epochs="auto"``: stop when the held-out NLL has not
-#: improved (by ``min_delta``) for ``patience`` epochs, after at least ``min_epochs``; keep the best.
-AUTO_RULE = dict(patience=5, min_epochs=5, min_delta=0.0)
 
 #: Arms: (altub, norm_logdet). "altub" is the package default.
 ARMS = {"altub": dict(altub=True, norm_logdet=True),
@@ -75,25 +76,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def log(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
-
-
 # ----------------------------------------------------------------------------- data
 def heldout_indices(n: int, fraction: float, seed: int = 0) -> List[int]:
     """A seeded fraction of the training images, never trained on (as the eval command's split)."""
     k = max(1, int(round(fraction * n)))
     return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:k])
 
-
-def load_stack(dataset, batch_size: int = 32):
-    images, masks, labels = [], [], []
-    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images.append(b["image"])
-        if "mask" in b:
-            masks.append(b["mask"])
-        labels.append(torch.as_tensor(b["label"]).reshape(-1))
-    return torch.cat(images), (torch.cat(masks) if masks else None), torch.cat(labels)
 
 
 def prepare(name: str, cfg: Dict[str, Any], data_root: str, synthetic_root: str) -> Dict[str, Any]:
@@ -117,9 +105,9 @@ def prepare(name: str, cfg: Dict[str, Any], data_root: str, synthetic_root: str)
             idx = [i for i, s in enumerate(test.samples) if s.defect == d]
             te += [int(i) for i in rng.permutation(idx)[: max(1, int(round(sub["test_fraction"] * len(idx))))]]
         te = sorted(te)
-    train_images = load_stack(Subset(train, tr))[0]
-    heldout_images = load_stack(Subset(train, ho))[0]
-    test_images, test_masks, test_labels = load_stack(Subset(test, te))
+    train_images = load_stack(train, tr).images
+    heldout_images = load_stack(train, ho).images
+    test_images, test_masks, test_labels, _ = load_stack(test, te)
     has_masks = test_masks is not None and bool(getattr(test, "has_masks", True)) and name != "bottle"
     log(f"{name}: {len(tr)} train / {len(ho)} held-out normal / {len(te)} test images at {size}px "
         f"({int(test_labels.sum())} defective; pixel masks: {has_masks})")
@@ -140,18 +128,14 @@ def take(feats: Dict[int, torch.Tensor], blocks: Sequence[int]) -> List[torch.Te
     return [feats[b] for b in blocks]
 
 
-def batches(feats: List[torch.Tensor], bs: int = 32):
-    n = feats[0].shape[0]
-    return [[f[i:i + bs] for f in feats] for i in range(0, n, bs)]
-
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model, data: Dict[str, Any], feats_test: List[torch.Tensor], feats_ho: List[torch.Tensor],
              modes: Sequence[str] = SCORE_MODES) -> Dict[str, Dict[str, float]]:
     """Calibrate on the held-out normal images, then every (mode, image rule) on the test set."""
     model.eval()
-    model.calibrate(batches(feats_ho))
-    parts = concat_parts([model.score_parts(b) for b in batches(feats_test)])
+    model.calibrate(feature_batches(feats_ho))
+    parts = concat_parts([model.score_parts(b) for b in feature_batches(feats_test)])
     out: Dict[str, Dict[str, float]] = {}
     labels = data["test_labels"].numpy()
     for mode in modes:
@@ -175,20 +159,14 @@ def evaluate(model, data: Dict[str, Any], feats_test: List[torch.Tensor], feats_
 @torch.no_grad()
 def nll(model, feats: List[torch.Tensor]) -> float:
     model.eval()
-    return float(torch.cat([model.nll_per_dim(b) for b in batches(feats)]).mean())
+    return float(torch.cat([model.nll_per_dim(b) for b in feature_batches(feats)]).mean())
 
 
 def auto_choice(heldout_nll: List[float], rule: Dict[str, Any] = AUTO_RULE) -> Dict[str, int]:
-    """(stop epoch, chosen epoch) of the label-free early-stopping rule on a per-epoch curve (epoch 1..)."""
-    best, best_e, since = math.inf, 0, 0
-    for e, v in enumerate(heldout_nll, start=1):
-        if v < best - rule["min_delta"]:
-            best, best_e, since = v, e, 0
-        else:
-            since += 1
-        if e >= rule["min_epochs"] and since >= rule["patience"]:
-            return {"stop": e, "chosen": best_e}
-    return {"stop": len(heldout_nll), "chosen": best_e}
+    """(stop epoch, chosen epoch) of the label-free early-stopping rule on a per-epoch curve (epoch
+    1..): :func:`study_harness.auto_choice` without its "stopped"."""
+    c = _auto_choice(heldout_nll, rule)
+    return {"stop": c["stop"], "chosen": c["chosen"]}
 
 
 def run_fastflow(data, feats, arm: str, seed: int, blocks: Sequence[int], epochs: int, cfg,
@@ -299,264 +277,98 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_data_root() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(here, os.pardir, os.pardir, "shared", "data")
+def dataset_features(ds: str, data: Dict[str, Any], cfg: Dict[str, Any], feature_cache: Optional[str]):
+    """The backbone features of every block of ALL_BLOCKS for the train, held-out and test images;
+    read from (or kept in) ``feature_cache`` where given."""
+    t0 = time.perf_counter()
+    tag = "_sub" if cfg.get("subsample", {}).get(ds) else ""
+    cache = os.path.join(feature_cache, f"{ds}_{cfg['image_size']}{tag}.pt") if feature_cache else None
+    if cache and os.path.isfile(cache):
+        feats = torch.load(cache)
+    else:
+        feats = {k: extract_all(data[f"{k}_images"]) for k in ("train", "heldout", "test")}
+        if cache:
+            os.makedirs(feature_cache, exist_ok=True)
+            torch.save(feats, cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
+    log(f"{ds}: features of blocks {ALL_BLOCKS} in {time.perf_counter() - t0:.1f}s")
+    return feats
+
+
+def dataset_jobs(ds: str, data, feats, cfg: Dict[str, Any], args, results: Dict[str, Any]) -> list:
+    """The jobs of one data set for :func:`study_harness.run_jobs`: kNN, then seed by seed (so that
+    a study stopped early still holds paired arms) the arms, the block sets after the first seed
+    (one seed each), then CFLOW-AD."""
+    parts = set(args.parts.split(","))
+    E = args.epochs or cfg["epochs"][ds]
+    jobs = []
+
+    def add(arm, seed, blocks, epochs, model_name="fastflow", n_train=None):
+        def job():
+            results["runs"].append(run_fastflow(data, feats, arm, seed, blocks, epochs, cfg,
+                                                model_name=model_name, n_train=n_train))
+        jobs.append((f"{ds} {model_name} {arm} blocks {'/'.join(map(str, blocks))} seed {seed}", job))
+
+    def knn():
+        results["knn"][ds] = knn_baseline(data, feats, cfg)
+
+    if "knn" in parts:
+        jobs.append((f"{ds} knn", knn))
+    arms = cfg["arms"] if ("arms" in parts and ds != "bottle") else {}
+    if args.arms is not None:
+        arms = {a: v for a, v in arms.items() if a in args.arms.split(",")}
+    seeds = sorted({s for v in arms.values() for s in v})
+    if args.seeds is not None:
+        seeds = [s for s in seeds if s in {int(x) for x in args.seeds.split(",")}]
+    for seed in seeds or [None]:
+        for arm, arm_seeds in arms.items():
+            if seed in arm_seeds:
+                add(arm, seed, DEFAULT_BLOCKS, E)
+        if seed in (0, None) and "blocks" in parts:
+            for name, blocks in BLOCK_SETS.items():
+                if args.block_sets is not None and name not in args.block_sets.split(","):
+                    continue
+                if blocks == DEFAULT_BLOCKS and arms:
+                    continue  # the altub seed-0 run above is this block set
+                add("altub", 0, blocks, E)
+    if "cflow" in parts and ds != "carpet_synthetic":
+        for name, blocks in BLOCK_SETS.items():
+            add("altub", 0, blocks, cfg["cflow_epochs"], model_name="cflow", n_train=cfg["cflow_train"])
+    return jobs
+
+
+def log_only_config(log_path: str) -> Dict[str, Any]:
+    """The config of a study that stopped before its first run finished (only its log is left)."""
+    return dict(PRESETS["reduced"], preset="reduced", auto_rule=AUTO_RULE, backbone=BACKBONE,
+                threads=1, torch=torch.__version__, command=f"(log only) {log_path}")
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
-        return report(merge_json(args.from_json.split(",")), args.out)
+        return report(merge_json(args.from_json.split(","), log_only_config), args.out)
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.size]
     data_root = args.data_root or default_data_root()
     syn_root = args.synthetic_root or os.path.join(args.out, "_synthetic")
-    parts = set(args.parts.split(","))
     results: Dict[str, Any] = dict(config=dict(preset=args.size, **{k: v for k, v in cfg.items()}, auto_rule=AUTO_RULE,
                                                backbone=BACKBONE, threads=torch.get_num_threads(),
                                                torch=torch.__version__, python=platform.python_version(),
                                                machine=platform.machine(), command=" ".join(sys.argv)),
                                    datasets={}, runs=[], knn={})
     path = os.path.join(args.out, "study.json")
-
-    def save():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp, path)
-
     t_start = time.perf_counter()
     for ds in args.datasets.split(","):
         data = prepare(ds, cfg, data_root, syn_root)
-        t0 = time.perf_counter()
-        tag = "_sub" if cfg.get("subsample", {}).get(ds) else ""
-        cache = os.path.join(args.feature_cache, f"{ds}_{cfg['image_size']}{tag}.pt") if args.feature_cache else None
-        if cache and os.path.isfile(cache):
-            feats = torch.load(cache)
-        else:
-            feats = {k: extract_all(data[f"{k}_images"]) for k in ("train", "heldout", "test")}
-            if cache:
-                os.makedirs(args.feature_cache, exist_ok=True)
-                torch.save(feats, cache + ".tmp")
-                os.replace(cache + ".tmp", cache)
-        log(f"{ds}: features of blocks {ALL_BLOCKS} in {time.perf_counter() - t0:.1f}s")
+        feats = dataset_features(ds, data, cfg, args.feature_cache)
         results["datasets"][ds] = data["info"]
-        E = args.epochs or cfg["epochs"][ds]
-
-        def add(*a, **kw):
-            results["runs"].append(run_fastflow(data, feats, *a, **kw))
-            save()
-
-        if "knn" in parts:
-            results["knn"][ds] = knn_baseline(data, feats, cfg)
-            save()
-        # Seed by seed, so that a study stopped early still holds paired arms; the block sets come
-        # after the first seed (one seed each).
-        arms = cfg["arms"] if ("arms" in parts and ds != "bottle") else {}
-        if args.arms is not None:
-            arms = {a: v for a, v in arms.items() if a in args.arms.split(",")}
-        seeds = sorted({s for v in arms.values() for s in v})
-        if args.seeds is not None:
-            seeds = [s for s in seeds if s in {int(x) for x in args.seeds.split(",")}]
-        for seed in seeds or [None]:
-            for arm, arm_seeds in arms.items():
-                if seed in arm_seeds:
-                    add(arm, seed, DEFAULT_BLOCKS, E, cfg)
-            if seed in (0, None) and "blocks" in parts:
-                for name, blocks in BLOCK_SETS.items():
-                    if args.block_sets is not None and name not in args.block_sets.split(","):
-                        continue
-                    if blocks == DEFAULT_BLOCKS and arms:
-                        continue  # the altub seed-0 run above is this block set
-                    add("altub", 0, blocks, E, cfg)
-        if "cflow" in parts and ds != "carpet_synthetic":
-            for name, blocks in BLOCK_SETS.items():
-                add("altub", 0, blocks, cfg["cflow_epochs"], cfg, model_name="cflow", n_train=cfg["cflow_train"])
+        run_jobs(dataset_jobs(ds, data, feats, cfg, args, results), results, lambda: save_json(results, path))
         del feats, data
     results["wall_s"] = time.perf_counter() - t_start
-    save()
+    save_json(results, path)
     log(f"study done in {results['wall_s'] / 60:.1f} min")
     return report(results, args.out)
-
-
-# ----------------------------------------------------------------------------- report
-_LOG_LINE = (r"^\S+ (?P<ds>\S+) (?P<model>\S+) (?P<arm>\S+) blocks (?P<blocks>\S+) seed (?P<seed>\d+): epoch "
-             r"(?P<epoch>\d+)/(?P<epochs>\d+) heldout NLL (?P<ho>\S+) train NLL (?P<tr>\S+) loglik img (?P<img>\S+) "
-             r"pix (?P<pix>\S+) aupro (?P<aupro>\S+); fastflow pix (?P<ffpix>\S+)$")
-
-
-def runs_from_log(path: str, done: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Runs still in progress when a study was stopped, rebuilt from its log lines (which carry the
-    held-out NLL, the loglik/max metrics and the fastflow map's pixel AUROC of each evaluation);
-    marked ``partial``. Runs already in ``done`` (the JSON) are skipped."""
-    import re
-    seen = {(r["dataset"], r["model"], r["arm"], "/".join(map(str, r["blocks"])), r["seed"]) for r in done}
-    runs: Dict[tuple, Dict[str, Any]] = {}
-    nan = float("nan")
-    with open(path) as f:
-        for line in f:
-            m = re.match(_LOG_LINE, line.strip())
-            if not m:
-                continue
-            key = (m["ds"], m["model"], m["arm"], m["blocks"], int(m["seed"]))
-            if key in seen:
-                continue
-            r = runs.setdefault(key, dict(dataset=key[0], model=key[1], arm=key[2],
-                                          blocks=[int(b) for b in key[3].split("/")], seed=key[4],
-                                          epochs=int(m["epochs"]), curve=[], partial=True))
-            num = lambda k: float(m[k]) if m[k] != "nan" else nan  # noqa: E731
-            met = {"loglik/max": {"image_auroc": num("img"), "pixel_auroc": num("pix"), "aupro": num("aupro")},
-                   "fastflow/max": {"pixel_auroc": num("ffpix")}}
-            r["curve"].append({"epoch": int(m["epoch"]), "heldout_nll": num("ho"), "train_nll": num("tr"),
-                               "metrics": met})
-    out = []
-    for r in runs.values():
-        hist = [p["heldout_nll"] for p in r["curve"]]
-        best = int(np.argmin(hist))
-        r["auto"] = {"stop": r["curve"][-1]["epoch"], "chosen": r["curve"][best]["epoch"],
-                     "note": "partial run: lowest held-out NLL among the logged evaluations"}
-        out.append(r)
-    return out
-
-
-def merge_json(paths: Sequence[str]) -> Dict[str, Any]:
-    """One results dict from study.json files of runs split by data set (run side by side)."""
-    import re
-    merged: Dict[str, Any] = {}
-    for p in paths:
-        if os.path.isdir(p):
-            p = os.path.join(p, "study.json")
-        log_path = os.path.join(os.path.dirname(p), "study.log")
-        if os.path.isfile(p):
-            with open(p) as f:
-                r = json.load(f)
-        else:   # stopped before its first run finished: the log is all there is
-            r = dict(config=dict(PRESETS["reduced"], preset="reduced", auto_rule=AUTO_RULE, backbone=BACKBONE,
-                                 threads=1, torch=torch.__version__, command=f"(log only) {log_path}"),
-                     datasets={}, runs=[], knn={})
-            with open(log_path) as f:
-                for line in f:
-                    m = re.match(r"^\S+ (\S+): (\d+) train / (\d+) held-out normal / (\d+) test images at (\d+)px "
-                                 r"\((\d+) defective; pixel masks: (\w+)\)", line.strip())
-                    if m:
-                        r["datasets"][m[1]] = dict(n_train=int(m[2]), n_heldout=int(m[3]), n_test=int(m[4]),
-                                                   image_size=int(m[5]), n_defective=int(m[6]),
-                                                   has_masks=m[7] == "True")
-        if os.path.isfile(log_path):
-            r["runs"] = list(r["runs"]) + runs_from_log(log_path, r["runs"])
-        if not merged:
-            merged = dict(r, datasets=dict(r["datasets"]), runs=list(r["runs"]), knn=dict(r["knn"]))
-            merged["config"] = dict(r["config"], command=[r["config"]["command"]])
-            continue
-        for k, v in r["datasets"].items():
-            merged["datasets"].setdefault(k, v)
-        merged["runs"] += r["runs"]
-        merged["knn"].update(r["knn"])
-        merged["config"]["command"].append(r["config"]["command"])
-    return merged
-
-
-def _ms(xs: Sequence[float]) -> str:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}"
-
-
-def _metric(rec, key, metric):
-    return rec.get("metrics", {}).get(key, {}).get(metric)
-
-
-def run_points(run) -> Dict[str, Dict[str, Any]]:
-    """last, auto-chosen and best-on-test (hindsight) points of a run, per score key."""
-    evals = [r for r in run["curve"] if "metrics" in r]
-    last = run["curve"][-1]
-    chosen = next(r for r in run["curve"] if r["epoch"] == run["auto"]["chosen"])
-    return {"last": last, "auto": chosen, "evals": evals}
-
-
-def report(results: Dict[str, Any], out: str) -> Dict[str, Any]:
-    lines = ["# Score-mode / loss / block-set study (generated by benchmarks/study_scores.py)", ""]
-    cfg = results["config"]
-    lines.append(f"Preset {cfg['preset']}, {cfg['image_size']} px, batch {cfg['batch_size']}, backbone {cfg['backbone']}, "
-                 f"{cfg['threads']} thread(s), torch {cfg['torch']}. Label-free rule: {cfg['auto_rule']}. "
-                 "'best (test-chosen)' = the best evaluated epoch picked on the test set: hindsight, not a "
-                 "choice the software can make.")
-    lines.append("")
-    for ds, info in results["datasets"].items():
-        lines.append(f"## {ds} ({info['n_train']} train / {info['n_heldout']} held-out / {info['n_test']} test, "
-                     f"masks: {info['has_masks']})")
-        lines.append("")
-        knn = results["knn"].get(ds)
-        if knn:
-            lines.append(f"kNN baseline (blocks 4+10): image AUROC {knn['image_auroc']:.3f}"
-                         + (f", pixel AUROC {knn['pixel_auroc']:.3f}, AUPRO {knn['aupro']:.3f}" if "pixel_auroc" in knn else ""))
-            lines.append("")
-        runs = [r for r in results["runs"] if r["dataset"] == ds]
-        groups: Dict[tuple, List[dict]] = {}
-        for r in runs:
-            groups.setdefault((r["model"], r["arm"], "/".join(map(str, r["blocks"]))), []).append(r)
-        metrics = METRICS if info["has_masks"] else ("image_auroc",)
-        lines.append("| model | arm | blocks | seeds | score | " + " | ".join(
-            f"{m} last | {m} auto | {m} best (test-chosen)" for m in metrics) + " | auto epoch |")
-        lines.append("|" + "---|" * (5 + 3 * len(metrics) + 1))
-        for (model, arm, blocks), rs in groups.items():
-            keys = sorted({k for r in rs for p in r["curve"] if "metrics" in p for k in p["metrics"]})
-            for key in keys:
-                cells = []
-                for m in metrics:
-                    last = [_metric(run_points(r)["last"], key, m) for r in rs]
-                    auto = [_metric(run_points(r)["auto"], key, m) for r in rs]
-                    best = [max((v for v in (_metric(p, key, m) for p in run_points(r)["evals"]) if v is not None),
-                                default=None) for r in rs]
-                    cells += [_ms(last), _ms(auto), _ms(best)]
-                ae = [r["auto"]["chosen"] for r in rs]
-                partial = any(r.get("partial") for r in rs)
-                ends = ", ".join(str(r["curve"][-1]["epoch"]) for r in rs)
-                lines.append(f"| {model} | {arm} | {blocks} | {len(rs)} | {key} | " + " | ".join(cells)
-                             + f" | {', '.join(map(str, ae))} of {rs[0]['epochs']}"
-                             + (f" (stopped at epoch {ends}: partial, from the log)" if partial else "") + " |")
-        lines.append("")
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(md)
-    try:
-        plot_curves(results, out)
-    except Exception as e:  # plots are a convenience; the tables are the record
-        log(f"plotting failed: {e}")
-    return results
-
-
-def plot_curves(results: Dict[str, Any], out: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    for ds in results["datasets"]:
-        runs = [r for r in results["runs"] if r["dataset"] == ds and r["model"] == "fastflow"
-                and r["blocks"] == list(DEFAULT_BLOCKS)]
-        if not runs:
-            continue
-        metric = "pixel_auroc" if results["datasets"][ds]["has_masks"] else "image_auroc"
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in runs:
-            ep = [p["epoch"] for p in r["curve"]]
-            axes[0].plot(ep, [p["heldout_nll"] for p in r["curve"]], label=f"{r['arm']} s{r['seed']}")
-            for key, ls in (("loglik/max", "-"), ("fastflow/max", "--")):
-                pts = [(p["epoch"], _metric(p, key, metric)) for p in r["curve"] if "metrics" in p]
-                axes[1].plot([a for a, _ in pts], [b for _, b in pts], ls,
-                             label=f"{r['arm']} s{r['seed']} {key.split('/')[0]}")
-        axes[0].set_title(f"{ds}: held-out NLL (nats/dim)")
-        axes[1].set_title(f"{ds}: {metric} (solid loglik, dashed fastflow map)")
-        for a in axes:
-            a.set_xlabel("epoch")
-        axes[1].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"curves_{ds}.png"), dpi=90)
-        plt.close(fig)
 
 
 if __name__ == "__main__":
