@@ -20,6 +20,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_harness import md_table  # noqa: E402
+
 
 def case_key(b: dict) -> tuple:
     info = b.get("extra_info", {})
@@ -77,15 +81,14 @@ def fmt(v, spec=".2f"):
 def markdown(rows, machine) -> str:
     out = [f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
            f"device(s): {', '.join(sorted({r['device'] for r in rows if r['device']}))}; "
-           f"size: {', '.join(sorted({r['scale'] for r in rows}))}", "",
-           "| case | provider | mean ms | speed-up vs reference (means) | interleaved vs reference | "
-           "interleaved vs FrEIA | vs FrEIA, CPU time | GB/s | peak MiB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["case"], r["provider"])):
-        out.append(f"| {r['case']} | {r['provider']} | {fmt(r['mean_ms'], '.3f')} | "
-                   f"{fmt(r['speedup_vs_reference'])} | {fmt(r['interleaved_vs_reference'])} | "
-                   f"{fmt(r['interleaved_vs_freia'])} | {fmt(r['cpu_time_vs_freia'])} | "
-                   f"{fmt(r['GB_per_s'], '.1f')} | {fmt(r['peak_memory_MiB'], '.0f')} |")
+           f"size: {', '.join(sorted({r['scale'] for r in rows}))}", ""]
+    out += md_table(["case", "provider", "mean ms", "speed-up vs reference (means)", "interleaved vs reference",
+                     "interleaved vs FrEIA", "vs FrEIA, CPU time", "GB/s", "peak MiB"],
+                    ([r["case"], r["provider"], fmt(r["mean_ms"], ".3f"), fmt(r["speedup_vs_reference"]),
+                      fmt(r["interleaved_vs_reference"]), fmt(r["interleaved_vs_freia"]), fmt(r["cpu_time_vs_freia"]),
+                      fmt(r["GB_per_s"], ".1f"), fmt(r["peak_memory_MiB"], ".0f")]
+                     for r in sorted(rows, key=lambda r: (r["case"], r["provider"]))),
+                    align=["---", "---"] + ["---:"] * 7)
     return "\n".join(out) + "\n"
 
 
