@@ -216,6 +216,7 @@ def run_record(args, label: str, block: str, training: Training, model, checkpoi
         "implementation": _implementation_used(calls_before),
         "block": block if args.model == "fastflow" else "altub",
         "altub": bool(getattr(model, "altub", False)),
+        "rules": model.scorer.rules,   # the pixel map and the image score that made these metrics
         "epochs": args.epochs if not args.checkpoint else None,
         "epochs_trained": len(history) if not args.checkpoint else None,
         "stopped": training.trainer.stop_reason if not args.checkpoint else None,

@@ -25,7 +25,7 @@ def checkpoints_to_score(args, training, device: str):
         if training.rules_changed:   # the stored threshold was set on held-out scores of the checkpoint's own rules
             stored = None
             print(f"note: scoring with --score {training.model.scorer.mode} / --image-score "
-                  f"{training.model.scorer.image_rule} instead of the checkpoint's rules: its stored threshold does "
+                  f"{training.model.scorer.image_score_spec} instead of the checkpoint's rules: its stored threshold does "
                   "not apply, so no decisions are reported")
         return {"checkpoint": info}, {"checkpoint": stored}, "checkpoint", {"checkpoint": training.model}
     checkpoints, stored, chosen = trained_checkpoints(training.trainer, training.ckpt_dir)
@@ -39,14 +39,14 @@ def apply_score_rules(model, score: Optional[str], image_score: Optional[str]) -
     """Score a loaded checkpoint with ``--score`` / ``--image-score`` where given (an old checkpoint
     otherwise keeps its own rules). Every mode's constants were calibrated together on the held-out
     images, so switching needs no data. True when a rule changed."""
-    from .models.scoring import check_score_mode, parse_image_score
+    from .models.scoring import check_score_mode, parse_image_rule
 
-    scorer, before = model.scorer, (model.scorer.mode, model.scorer.image_rule, model.scorer.topk_fraction)
+    scorer, before = model.scorer, (model.scorer.mode, model.scorer.image_score_rule)
     if score is not None:
         scorer.mode = check_score_mode(score)
     if image_score is not None:
-        scorer.image_rule, scorer.topk_fraction = parse_image_score(image_score)
-    return (scorer.mode, scorer.image_rule, scorer.topk_fraction) != before
+        scorer.set_image_rule(parse_image_rule(image_score))
+    return (scorer.mode, scorer.image_score_rule) != before
 
 
 def checkpoint_info(path) -> Tuple[dict, Optional[dict]]:

@@ -79,6 +79,8 @@ def format_table(records: List[dict]) -> str:
     def fmt(v, spec, missing="-"):
         return missing if v is None else format(v, spec)
     rows += [
+        ("pixel map (--score)", *[r.get("rules", {}).get("score", "-") for r in records]),
+        ("image score (--image-score)", *[r.get("rules", {}).get("image_score_text", "-") for r in records]),
         ("image AUROC", *[fmt(r["metrics"]["image_auroc"], ".4f") for r in records]),
         ("pixel AUROC", *[fmt(r["metrics"]["pixel_auroc"], ".4f", "n/a (no masks)") for r in records]),
         ("AUPRO (FPR<=0.3)", *[fmt(r["metrics"]["aupro"], ".4f", "n/a (no masks)") for r in records]),

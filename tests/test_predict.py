@@ -101,8 +101,10 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def with_threshold(ckpt, tmp_path, value, score_mode="fastflow"):
+def with_threshold(ckpt, tmp_path, value, score_mode=None):
+    """The checkpoint with a stored threshold, set in ``score_mode`` (default: the checkpoint's own)."""
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    score_mode = score_mode or ck["model_config"]["score"]
     ck["threshold"] = {"value": float(value), "max_fpr": 0.01, "n_heldout": 7, "score_mode": score_mode}
     path = tmp_path / "with_threshold.pt"
     torch.save(ck, path)

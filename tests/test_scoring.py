@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from altub_fast.models import build_model
 from altub_fast.models.backbones import build_backbone
 from altub_fast.models.scoring import (SCORE_MODES, MapScorer, ScaleLogLik, image_scores_from_maps,
-                                       parse_image_score)
+                                       parse_image_rule, parse_image_score)
 
 from _helpers import randomise_base
 
@@ -194,7 +194,12 @@ def test_image_score_rules():
     # top 5 % of 100 pixels = the top 5
     torch.testing.assert_close(image_scores_from_maps(maps, "topk", 0.05), maps.flatten(1)[:, -5:].mean(1))
     assert parse_image_score("topk:0.02") == ("topk", 0.02)
-    assert parse_image_score(None) == ("topk", 0.01)       # the default, chosen in docs/results.md
+    assert parse_image_score("topk") == ("topk", 0.01)     # a bare "topk": the top 1 %
+    assert parse_image_rule(None) == ("fastflow", "topk", 0.2)   # the default (issue 19, docs/results.md)
+    assert parse_image_rule("loglik/max") == ("loglik", "max", 0.01)
+    assert parse_image_rule("topk:0.05").map is None            # no map named: the pixel map's
+    with pytest.raises(ValueError, match="map of image_score"):
+        parse_image_rule("padim/topk")
     assert parse_image_score("max") == ("max", 0.01)
     for bad in ("mean", "topk:x", "topk:0"):
         with pytest.raises(ValueError, match="image_score|fraction"):

@@ -74,7 +74,7 @@ class FlowModel(nn.Module):
 
     def scoring_rules(self) -> Dict[str, str]:
         """The rules in use: {"score": the anomaly map, "image_score": the image score}."""
-        return {"score": str(self.scorer.mode), "image_score": str(self.scorer.image_rule)}
+        return {"score": str(self.scorer.mode), "image_score": str(self.scorer.image_score_spec)}
 
     @property
     def calibrated(self) -> bool:
@@ -123,7 +123,6 @@ class FlowModel(nn.Module):
             parts = [ScaleLogLik(None if p.ll_full is None else p.ll_full.to(dev), p.ll_base.to(dev))
                      for p in concat_parts(per_batch)]
             self.scorer.fit(parts)
-            maps = self.scorer.maps(parts)
-            return self.scorer.image_scores(maps).float().cpu()
+            return self.scorer(parts)[1].float().cpu()
         finally:
             self.train(was_training)

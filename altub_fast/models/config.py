@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 from .extractor import FeatureExtractor, as_hw, base_name
-from .scoring import check_score_mode, parse_image_score
+from .scoring import check_score_mode, parse_image_rule
 
 __all__ = ["ModelConfig", "FastFlowConfig", "CFlowConfig", "FASTFLOW_DEFAULTS", "model_key", "setting"]
 
@@ -102,9 +102,10 @@ class ModelConfig(Mapping):
         """A copy with the backbone's name, weights origin and blocks, the scoring rules parsed, and
         ``filled`` (the model's own defaults)."""
         blocks = getattr(backbone, "feature_blocks", None)
-        rule, fraction = parse_image_score(self.image_score, self.topk_fraction)
+        rule = parse_image_rule(self.image_score, self.topk_fraction)
         return dataclasses.replace(self, backbone=backbone.name, backbone_weights_origin=backbone.weights_origin,
-                                   score=check_score_mode(self.score), image_score=rule, topk_fraction=fraction,
+                                   score=check_score_mode(self.score), image_score=rule.spec,
+                                   topk_fraction=rule.fraction,
                                    feature_blocks=_list_or_none(blocks), **filled)
 
     # ------------------------------------------------------------------ the stored dict
