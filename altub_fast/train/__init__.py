@@ -34,11 +34,19 @@ CUDA, gloo on CPU), wraps the trainable parts in DistributedDataParallel and sha
 base is all-reduced like every other parameter on ordinary updates, and explicitly on base-only
 updates; the schedule is the same on every rank.
 
-Where things are: ``schedule.py`` (AltUBSchedule, TrainConfig, make_config), ``batches.py`` (the
-seeded sampler and loaders), ``cache.py`` (the feature cache), ``stats.py`` (z statistics and the
-epoch line), ``checkpoint.py`` (atomic_save, load_checkpoint_file, build_model_from_checkpoint,
-load_model, RNG states), ``distributed.py`` (DDP set-up), ``heldout.py`` (the held-out normal split), ``trainer.py`` (AltUBTrainer, train),
-``scoring.py`` (predict).
+Where things are: ``trainer.py`` (AltUBTrainer, train: the loop over the parts below),
+``features.py`` (FeatureSource: training, held-out and NLL feature batches, cached or extracted),
+``updates.py`` (FlowUpdate, BaseOnlyUpdate, NonFinitePolicy, NonFiniteLossError), ``store.py``
+(CheckpointStore: checkpoint state, atomic save/load, the restored split, calibration of
+last/best), ``schedule.py`` (AltUBSchedule, TrainConfig, make_config), ``batches.py`` (the seeded
+sampler and loaders), ``cache.py`` (building, checking and reading the feature cache),
+``stats.py`` (the epoch's tally, z statistics and the epoch line), ``checkpoint.py`` (atomic_save,
+load_checkpoint_file, build_model_from_checkpoint, load_model, RNG states), ``distributed.py``
+(DDP set-up and collectives), ``heldout.py`` (the held-out normal split), ``validation.py`` (what
+the trainer checks of a model; the NLL), ``stopping.py`` (best epoch, when to stop).
+
+``predict`` is ``altub_fast.inference.score_dataset`` (the layer above training), looked up when
+first asked for, so that importing the trainer does not import inference.
 """
 from .batches import dataset_of, epoch_batches, make_loader
 from .cache import build_feature_cache, check_feature_cache
@@ -47,9 +55,15 @@ from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, build_model_from_checkp
 from .distributed import setup_distributed
 from .heldout import HeldoutSplit, dataset_files, make_split, split_indices
 from .schedule import NONFINITE_POLICIES, AltUBSchedule, TrainConfig, make_config
-from .scoring import predict
 from .stats import ZStats, format_record, scale_stats
 from .trainer import AltUBTrainer, NonFiniteLossError, train
+
+
+def __getattr__(name: str):
+    if name == "predict":   # scoring a dataset is inference's: altub_fast.inference.score_dataset
+        from ..inference.scorer import score_dataset
+        return score_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AltUBSchedule", "AltUBTrainer", "atomic_save", "build_feature_cache", "build_model_from_checkpoint",
