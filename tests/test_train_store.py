@@ -150,3 +150,13 @@ def test_the_trainer_trains_and_resumes_a_fake_flow(tmp_path):
     for (k, va), vc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
         assert torch.equal(va, vc), k
     assert [r["heldout_nll"] for r in a.history] == [r["heldout_nll"] for r in c.history]
+
+
+def test_the_trainer_names_what_a_model_lacks():
+    class NoBase(FakeFlow):
+        base_only_loss = property()       # reading it fails: as if the method were missing
+
+    model = NoBase()
+    del model.bases
+    with pytest.raises(TypeError, match="NoBase cannot be trained: it lacks base_only_loss, bases"):
+        AltUBTrainer(model, Images(4), epochs=1, progress=False)

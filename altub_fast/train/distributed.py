@@ -29,6 +29,15 @@ def setup_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
     return 0, 1, local_rank
 
 
+def pick_device(requested: Optional[str], world_size: int, local_rank: int) -> torch.device:
+    """``requested``, else this process's GPU (its LOCAL_RANK under DDP), else the CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class StepModule(nn.Module):
     """What DistributedDataParallel wraps: one ordinary update's forward (loss and z)."""
 

@@ -1,7 +1,10 @@
-"""What an epoch reports: per-channel statistics of z, the base's mu and sigma per scale, and the
-one-line summary logged after each epoch."""
+"""What an epoch reports: its updates' losses and counts (EpochTally), per-channel statistics of z,
+the base's mu and sigma per scale, the one-line summary logged after each epoch, and the JSONL
+log's line."""
 from __future__ import annotations
 
+import json
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -61,6 +64,53 @@ class ZStats:
                 "z_std_min": float(std.min()), "z_std_max": float(std.max())}
 
 
+class EpochTally:
+    """What one epoch's updates add up to: the summed losses of all, ordinary (flow) and base-only
+    updates, their counts, the skipped updates, the images seen and the z statistics (``zstats``,
+    None for none). Under DDP, :meth:`all_reduce` makes the losses means over all ranks' updates
+    and the images the total; the counts stay this rank's (the same on every rank)."""
+
+    def __init__(self, zstats: Optional[ZStats] = None):
+        self.sums = {"all": 0.0, "flow": 0.0, "base": 0.0}
+        self.counts = {"all": 0, "flow": 0, "base": 0, "skipped": 0}
+        self.images = 0
+        self.zstats = zstats
+
+    def add(self, out: dict) -> None:
+        """One update's result (``AltUBTrainer.update``'s dict)."""
+        if out["skipped"]:
+            self.counts["skipped"] += 1
+            return
+        kind = "base" if out["base_only"] else "flow"
+        for key in ("all", kind):
+            self.sums[key] += out["loss"]
+            self.counts[key] += 1
+        if self.zstats is not None:
+            self.zstats.update(out["z"])
+
+    def mean(self, kind: str) -> float:
+        """The mean loss of ``kind`` ("all", "flow" or "base") updates; NaN where there were none."""
+        return self.sums[kind] / self.counts[kind] if self.counts[kind] else float("nan")
+
+    def all_reduce(self, world_size: int, device: torch.device) -> None:
+        c = self.counts
+        t = torch.tensor([self.sums["all"], self.sums["flow"], self.sums["base"], c["all"], c["flow"], c["base"],
+                          c["skipped"], self.images], dtype=torch.float64,
+                         device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        self.sums = {"all": float(t[0]) / world_size, "flow": float(t[1]) / world_size,
+                     "base": float(t[2]) / world_size}
+        self.images = int(t[7])
+        if self.zstats is not None:
+            self.zstats.all_reduce()
+
+    def losses(self) -> dict:
+        """The epoch record's losses and counts."""
+        c = self.counts
+        return {"loss": self.mean("all"), "loss_flow_updates": self.mean("flow"),
+                "loss_base_only_updates": self.mean("base"), "updates": c["all"], "flow_updates": c["flow"],
+                "base_only_updates": c["base"], "skipped_updates": c["skipped"]}
+
 
 @torch.no_grad()
 def scale_stats(model: nn.Module, zstats: Optional[ZStats] = None) -> List[dict]:
@@ -101,3 +151,10 @@ def progress_text(r: dict) -> str:
     if r.get("heldout_nll") is not None:
         parts.append(f"held-out NLL {format_nll(r['heldout_nll'])}")
     return ", ".join(parts) + (" nats/dim" if len(parts) > 1 else "")
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` (creating its folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,7 +1,8 @@
 """Choosing a checkpoint and when to stop, without labels: by the held-out NLL (nats per dimension)
 of each epoch's record (validation.py).
 
-- ``best.pt`` is the epoch with the lowest held-out NLL so far (the first one on ties).
+- ``best.pt`` is the epoch with the lowest held-out NLL so far (the first one on ties);
+  :func:`selection` says which epoch each checkpoint holds and why (stored in every checkpoint).
 - ``epochs="auto"`` stops after epoch n when n >= ``max_epochs``, or when n >= ``min_epochs`` and the
   held-out NLL has not improved by more than ``min_delta`` on its best value for ``patience``
   epochs. Both decisions are functions of the history alone, so a resumed run decides as the
@@ -47,3 +48,19 @@ def stop_reason(history: Sequence[dict], *, patience: int, min_epochs: int, max_
         return (f"the held-out NLL did not improve for {last - best[0]} epochs (patience {patience}) on "
                 f"epoch {best[0]}'s {best[1]:.5g} nats/dim")
     return None
+
+
+def selection(history: Sequence[dict], epoch: int, stopped: Optional[str]) -> dict:
+    """Which epoch each checkpoint holds and why, after ``epoch`` epochs of ``history``:
+    {"best": {...} or None, "last": {...}, "stopped": why training stopped (None while it runs)}."""
+    best = best_epoch(history)
+    last_nll = history[-1].get(KEY) if history else None
+    return {
+        "criterion": "lowest held-out NLL (nats per dimension); no label is used",
+        "best": None if best is None else {
+            "epoch": best[0], "heldout_nll": best[1],
+            "why": f"lowest held-out NLL ({best[1]:.5g} nats/dim) of epochs 1-{epoch}"},
+        "last": {"epoch": epoch, "heldout_nll": last_nll,
+                 "why": f"the last epoch trained ({stopped or 'training not finished'})"},
+        "stopped": stopped,
+    }
