@@ -1,17 +1,15 @@
 """What the CPU fast path's two mechanisms (:mod:`.cpu_fold`, :mod:`.cpu_pack`) share: the switch
-that says whether the path applies, the signature that tells a cache entry is stale, and the check
-of a fast result against the plain one. The path itself: :mod:`altub_fast.nn.cpu_fast` and
-``docs/cpu_fast.md``."""
+that says whether the path applies (the answer of :mod:`altub_fast.backend`, the one place that
+decides), the signature that tells a cache entry is stale, and the check of a fast result against
+the plain one. The path itself: :mod:`altub_fast.nn.cpu_fast` and ``docs/cpu_fast.md``."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import functional
+from .. import backend
 
 #: Largest relative difference between a fast result (folded features, packed subnet output) and
 #: the plain one that is accepted (float32 rounding gives ~1e-6; anything larger means the fast
@@ -20,17 +18,12 @@ FOLD_RTOL = 1e-4
 
 
 def enabled(x: Tensor, impl: Optional[str] = None) -> bool:
-    """Whether the CPU fast path applies to tensor ``x``: it is on the CPU and the implementation
-    (``impl``, else ``ALTUB_FAST_IMPL``) is "auto" with Triton's interpreter off. Not while
-    torch.compile, torch.export or TorchScript trace the call (they choose their own layouts)."""
-    which = functional.default_impl() if impl is None else str(impl).strip().lower()
-    if which not in functional.IMPLS:
-        raise ValueError(f"impl must be one of {functional.IMPLS}, got {impl!r}")
-    if which != "auto" or x.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """Whether the CPU fast path applies to tensor ``x``: ``backend.choose(x, impl=impl)`` would be
+    "cpu_fast" (``x`` on the CPU, the implementation, ``impl`` else ``ALTUB_FAST_IMPL``, "auto",
+    Triton's interpreter off, nothing tracing the call). Asked through
+    :func:`altub_fast.backend.cpu_fast_applies`, which does not resolve Triton: an ``impl="triton"``
+    that cannot run here is False, not choose()'s RuntimeError."""
+    return backend.cpu_fast_applies(x, impl=impl)
 
 
 def signature(module: nn.Module) -> tuple:
