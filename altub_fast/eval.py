@@ -17,12 +17,19 @@ give a threshold at ``--max-fpr``. Only then is the test set read: eval scores t
 (best.pt) and, where it is another epoch, last.pt, and reports precision / recall / F1 at the
 threshold beside the F1-optimal threshold (chosen on the test set, so optimistic).
 
+``--runtime`` (default ``auto``) chooses what scores the test set, as for predict: the fastest
+exported runtime installed (ONNX Runtime, else OpenVINO), each scored checkpoint exported once into
+``<checkpoint>.exports/`` and checked against PyTorch on the first batch (a mismatch warns and
+scores with PyTorch), else PyTorch. Training is always PyTorch. results.json's runs name it
+(``runtime``) and a line under the table says which scored each run.
+
 Where things are: this file trains (or loads) and scores one run (:func:`run_one`, in steps:
-:func:`model_options`, :func:`train_model` / :func:`load_trained`, :func:`score_test_set`,
-:func:`decisions_on_test_set`, :func:`run_record`; the data between them in the :class:`Training`,
-:class:`Scored` and :class:`RunResult` dataclasses) and drives the command (:func:`main`).
+:func:`model_options`, :func:`train_model` / :func:`load_trained`, ``score_test_set``,
+``decisions_on_test_set``, :func:`run_record`; the data between them in the :class:`Training`,
+``Scored`` and :class:`RunResult` dataclasses) and drives the command (:func:`main`).
 ``eval_args.py`` holds the options and their checks, ``eval_checkpoints.py`` which checkpoints are
-scored and their thresholds, ``eval_report.py`` what is written and printed; scoring goes through
+scored and their thresholds, ``eval_scoring.py`` the scoring of the test set (the runtime, the
+metrics, the decisions), ``eval_report.py`` what is written and printed; scoring goes through
 :mod:`altub_fast.inference`.
 """
 from __future__ import annotations
@@ -37,8 +44,9 @@ from typing import Dict, List, Optional, Tuple
 
 from .eval_args import UsageError, check_args, check_files, data_root, epochs_text, missing_data_message
 from .eval_args import build_parser as _build_parser
-from .eval_checkpoints import apply_score_rules, checkpoints_to_score, threshold_for
+from .eval_checkpoints import apply_score_rules, checkpoints_to_score
 from .eval_report import format_checkpoints, format_table, write_pngs, write_results
+from .eval_scoring import Scored, decisions_on_test_set, runtimes_line, score_test_set
 
 EXIT_USAGE = 2
 
@@ -87,14 +95,6 @@ class Training:
     images: int = 0                           # images trained on, end to end
     split: Optional[dict] = None              # the held-out split, as the trainer describes it
     rules_changed: bool = False               # --checkpoint scored with other --score / --image-score rules
-
-
-@dataclass
-class Scored:
-    """One checkpoint scored on the test set."""
-    predictions: dict                         # altub_fast.inference.score_dataset's result
-    metrics: Dict[str, Optional[float]]
-    seconds: float
 
 
 @dataclass
@@ -163,35 +163,6 @@ def train_model(args, label: str, kw: dict, *, train_ds, heldout_ds, device: str
                     len(trainer.dataset) * max(0, trainer.epoch - epochs_before), split)
 
 
-def score_test_set(args, model, test_ds, device: str) -> Scored:
-    """Maps, scores and metrics of ``model`` on the test set (pixel metrics None without masks)."""
-    from .inference import score_dataset
-    from .metrics import compute_all
-
-    t0 = time.perf_counter()
-    res = score_dataset(model, test_ds, batch_size=args.batch_size or 32, device=device, progress=not args.quiet,
-                        amp=args.amp)
-    infer_s = time.perf_counter() - t0
-    if res["labels"] is None:
-        raise RuntimeError("the test set gave no labels")
-    metrics = compute_all(res["maps"], res["masks"], res["labels"], res["scores"])
-    return Scored(res, {k: None if v is None else float(v) for k, v in metrics.items()}, infer_s)
-
-
-def decisions_on_test_set(scored: Scored, stored: Optional[dict], max_fpr: float) -> dict:
-    """A scored checkpoint's metrics, its threshold and the image decisions on the test set: at the
-    label-free threshold, and at the best one in hindsight."""
-    from .metrics import f1_optimal_threshold, precision_recall_f1
-
-    res = scored.predictions
-    threshold = threshold_for(stored, max_fpr)
-    return {"metrics": scored.metrics, "threshold": threshold,
-            "at_threshold": (precision_recall_f1(res["scores"], res["labels"], threshold["value"])
-                             if threshold else None),
-            "f1_optimal_chosen_on_the_test_set": (f1_optimal_threshold(res["scores"], res["labels"])
-                                                  if bool((res["labels"] == 1).any()) else None)}
-
-
 def run_record(args, label: str, block: str, training: Training, model, checkpoints: dict, chosen: str,
                scored: Scored, calls_before: Dict[str, int], n_test: int) -> dict:
     """The run's entry of results.json (``model``: the chosen checkpoint's)."""
@@ -211,6 +182,7 @@ def run_record(args, label: str, block: str, training: Training, model, checkpoi
                                        if h.get("images_per_s") and math.isfinite(h["images_per_s"])]),
         "inference_seconds": scored.seconds,
         "inference_images_per_s": n_test / scored.seconds if scored.seconds > 0 else None,
+        "runtime": scored.runtime,            # which runtime scored the test set (and its export, its check)
         "backbone": backbone.name,
         "weights": backbone.weights_origin,
         "implementation": _implementation_used(calls_before),
@@ -255,7 +227,7 @@ def run_one(args, label: str, *, train_ds, test_ds, device: str, impl: Optional[
     checkpoints, stored, chosen, models = checkpoints_to_score(args, training, device)
     scored = {}
     for name, m in models.items():
-        scored[name] = score_test_set(args, m, test_ds, device)
+        scored[name] = score_test_set(args, m, test_ds, device, checkpoints[name]["path"])
         checkpoints[name].update(decisions_on_test_set(scored[name], stored[name], args.max_fpr))
     if "best" in checkpoints and "best" not in scored:     # the same epoch as last.pt: the same scores
         for key in ("metrics", "threshold", "at_threshold", "f1_optimal_chosen_on_the_test_set"):
@@ -351,9 +323,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import DatasetError
     from .models import BackboneWeightsError
 
+    from .inference import RuntimeUnavailable, resolve_runtime
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         return _fail(f"--device {device} was asked for but torch sees no CUDA device")
+    try:
+        resolve_runtime(args.runtime, device)
+    except RuntimeUnavailable as e:
+        return _fail(str(e))
     try:
         data = load_data(args, root, where)
     except UsageError as e:
@@ -377,11 +355,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "command": " ".join(["python -m altub_fast.eval", *(argv if argv is not None else sys.argv[1:])]),
         "category": args.category, "data_root": str(root), "synthetic": args.synthetic, "model": args.model,
         "image_size": args.image_size, "epochs": args.epochs, "seed": args.seed, "device": device,
-        "torch": torch.__version__, "n_train": len(data.train), "n_test": len(data.test),
+        "torch": torch.__version__, "n_train": len(data.train), "n_test": len(data.test), "runtime": args.runtime,
     }
     path = write_results(results, records, out_dir)
     print()
     print(table)
+    print(runtimes_line(records))
     print()
     print(format_checkpoints(records))
     print(f"\nwrote {path}, ROC curves and overlays under {out_dir}")

@@ -118,6 +118,10 @@ def _run_options(r) -> None:
     r.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--impl", choices=("auto", "triton", "torch"), default=None,
                    help="fused-kernel implementation (default: $ALTUB_FAST_IMPL or auto)")
+    r.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default="auto",
+                   help="what scores the test set: auto (default: the fastest installed of onnxruntime, openvino; "
+                        "else torch), torch (eager PyTorch), onnxruntime, openvino (each checkpoint exported once, "
+                        "cached beside it and checked against PyTorch on the first batch; training is PyTorch)")
     r.add_argument("--compare-reference", action="store_true",
                    help="also train the reference implementation (FrEIA 0.2's AllInOneBlock for FastFlow, the "
                         "plain PyTorch path for CFLOW-AD) on the same data and seed; report both")

@@ -36,12 +36,12 @@ import torch
 import torch.nn as nn
 
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
-from .inference.exported import FORMATS, INPUT_NAME, OUTPUT_NAMES, ExportedModel, format_of
+from .inference.exported import FORMATS, INPUT_NAME, OUTPUT_NAMES, ExportedModel, format_of  # noqa: F401
 from .inference.graph import (DEFAULT_OPSET, EXAMPLE_BATCH, MAX_BATCH, AnomalyMapModule, ExportCheckError,  # noqa: F401
                               ExportError, check_images, export_onnx, export_openvino, export_torchscript,
                               prepare_for_export)
 from .inference.graph import rel_err as _rel_err
-from .inference.runtime import EXPORT_EXTRA, NEEDS, missing_packages as _missing_for
+from .inference.runtime import EXPORT_EXTRA, NEEDS, missing_packages as _missing_for  # noqa: F401 (NEEDS)
 
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript.pt"}
 _OUT_ENDINGS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}   # --out taken as the file itself

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .inference import CheckpointError, Scorer, open_checkpoint   # opening, reading, scoring: altub_fast/inference/
+# opening, reading, scoring: altub_fast/inference/
+from .inference import CheckpointError, Scorer, describe_runtime, open_checkpoint
 from .inference.pipeline import DEFAULT_WORKERS
 from .inference.runtime import RUNTIMES, RuntimeUnavailable
 from .predict_outputs import write_outputs, write_overlays
@@ -200,21 +201,11 @@ def _argument_problem(args) -> Optional[str]:
     return None
 
 
-def runtime_text(info: dict) -> str:
-    """One phrase naming the runtime that scores, e.g. ``runtime onnxruntime 1.20.1 (auto; cached export)``."""
-    text = f"runtime {info['runtime']} {info['version']}"
-    how = [] if info.get("requested") in (None, info["runtime"]) else [str(info["requested"])]
-    exports = list((info.get("exports") or {}).values())
-    if exports and info["runtime"] != "torch":
-        how.append("cached export" if exports[-1]["cached"] else "exported now")
-    return text + (f" ({'; '.join(how)})" if how else "")
-
-
 def _print_header(model, thr: Threshold, n_files: int, args, device: str, scorer: Scorer) -> None:
     h, w = model.image_size
     print(f"altub_fast predict: {n_files} files, {model.config.get('name', type(model).__name__)} "
           f"({model.config.get('backbone', '?')}, {h}x{w}) from {args.checkpoint}, device {device}, "
-          f"{runtime_text(scorer.info)}")
+          f"runtime {describe_runtime(scorer.info)}")
     print(thr.note)
     if not getattr(model, "calibrated", True):
         print(f"warning: the model's score normalisation was never calibrated on held-out normal images (a checkpoint "
@@ -240,8 +231,8 @@ def _print_summary(result: ScoreResult, thr: Threshold, out_dir: Path, n_written
     t = extra.get("throughput")
     if t:
         print(f"{t['files']} files in {t['seconds_end_to_end']:.3g} s: {t['images_per_s_end_to_end']:.3g} images/s "
-              f"end to end (files in -> CSV out; {runtime_text(extra['runtime'])}; setup {t['setup_seconds']:.3g} s "
-              f"before)")
+              f"end to end (files in -> CSV out; runtime {describe_runtime(extra['runtime'])}; "
+              f"setup {t['setup_seconds']:.3g} s before)")
     if skipped:
         print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
         for p in skipped:
@@ -271,8 +262,7 @@ def _scorer(model, args, device: str) -> Scorer:
     from .inference.runtime_scorer import make_scorer
 
     scorer = make_scorer(model, args.runtime, checkpoint=args.checkpoint, device=device)
-    if hasattr(scorer, "prepare"):
-        scorer.prepare()
+    scorer.prepare()
     return scorer
 
 

@@ -34,8 +34,8 @@ from .images import ImageBatch, read_image, read_images
 from .scorer import Scorer, score_dataset
 from .pipeline import read_ahead
 from .runtime import RuntimeUnavailable, resolve_runtime
-from .runtime_scorer import RuntimeScorer, make_scorer
+from .runtime_scorer import RuntimeScorer, describe_runtime, make_scorer
 
 __all__ = ["CheckpointError", "ExportedModel", "ImageBatch", "RuntimeScorer", "RuntimeUnavailable", "Scorer",
-           "load_model", "make_scorer", "open_checkpoint", "read_ahead", "read_image", "read_images",
-           "resolve_runtime", "score_dataset"]
+           "describe_runtime", "load_model", "make_scorer", "open_checkpoint", "read_ahead", "read_image",
+           "read_images", "resolve_runtime", "score_dataset"]

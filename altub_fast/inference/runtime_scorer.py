@@ -23,6 +23,7 @@ graph (``x * std + mean``, a rounding error far below the check's tolerance).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,7 +38,7 @@ from .graph import DEFAULT_OPSET, EXAMPLE_BATCH, check_images, export_onnx, expo
 from .runtime import FORMAT_OF_RUNTIME, resolve_runtime, runtime_version
 from .scorer import Scorer
 
-__all__ = ["RuntimeScorer", "make_scorer", "DEFAULT_RTOL", "serves_whole_sets"]
+__all__ = ["RuntimeScorer", "make_scorer", "describe_runtime", "DEFAULT_RTOL", "serves_whole_sets"]
 
 DEFAULT_RTOL = 1e-4
 _FILE = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
@@ -153,6 +154,26 @@ class RuntimeScorer(Scorer):
                               "rtol": self.rtol, "passed": bool(ok)}
         return None if ok else (ref_maps, ref_scores)
 
+    def _first_batch(self, size, images, x, maps, scores):
+        """The check of a size's first batch: (maps, scores) to return, PyTorch's after a fallback."""
+        ref = self._check(size, images, maps, scores)
+        if ref is not None and self._cached[size]:   # a cached graph that disagrees: rebuild, check again
+            try:
+                self._load(size, rebuild=True)
+                maps, scores = self._runners[size](x)
+                ref = self._check(size, images, maps, scores)
+            except Exception as e:   # noqa: BLE001 - the rebuild failed: PyTorch, as for a mismatch
+                self._fall_back(f"rebuilding the {self.runtime} export failed ({type(e).__name__}: {e})")
+                return self._torch(images)
+        if ref is not None:
+            c = self.info["check"]
+            self._fall_back(f"the {self.runtime} graph does not reproduce PyTorch within {self.rtol:g} relative "
+                            f"on the first batch (maps {c['max_rel_err_maps']:.3g}, scores "
+                            f"{c['max_rel_err_scores']:.3g})")
+            return ref
+        self._checked.add(size)
+        return maps, scores
+
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, H, W), scores (B,)) of a batch, from the exported graph (PyTorch after a fallback)."""
@@ -162,18 +183,9 @@ class RuntimeScorer(Scorer):
         x = self._graph_input(images)
         maps, scores = self._runners[size](x)
         if size not in self._checked:
-            ref = self._check(size, images, maps, scores)
-            if ref is not None and self._cached[size]:   # a cached graph that disagrees: rebuild, check again
-                self._load(size, rebuild=True)
-                maps, scores = self._runners[size](x)
-                ref = self._check(size, images, maps, scores)
-            if ref is not None:
-                c = self.info["check"]
-                self._fall_back(f"the {self.info['requested']} runtime's {self.runtime} graph does not reproduce "
-                                f"PyTorch within {self.rtol:g} relative on the first batch (maps "
-                                f"{c['max_rel_err_maps']:.3g}, scores {c['max_rel_err_scores']:.3g})")
-                return ref
-            self._checked.add(size)
+            maps, scores = self._first_batch(size, images, x, maps, scores)
+            if torch.is_tensor(maps):   # PyTorch's, after a fallback
+                return maps, scores
         if not np.isfinite(maps).all():
             from ..models import NonFiniteError
             raise NonFiniteError(f"{type(self.model).__name__} anomaly map holds NaN/Inf (runtime {self.runtime})")
@@ -194,7 +206,7 @@ def make_scorer(model: nn.Module, runtime: str = "auto", checkpoint=None, device
     of reading files with ``scorer.read``. Every scorer's ``info`` says which runtime runs."""
     name = resolve_runtime(runtime, device)
     reason = None
-    if name != "torch" and checkpoint is None:
+    if name != "torch" and (checkpoint is None or not Path(checkpoint).is_file()):
         reason = "no checkpoint file to key the export cache by"
     elif name != "torch" and not serves_whole_sets(model):
         reason = f"{type(model).__name__} combines its batches' maps otherwise than the exported graph"
@@ -205,3 +217,13 @@ def make_scorer(model: nn.Module, runtime: str = "auto", checkpoint=None, device
     scorer = Scorer(model, device, amp)
     scorer.info.update(requested=runtime, note=reason)
     return scorer
+
+
+def describe_runtime(info: dict) -> str:
+    """A scorer's ``info`` in a few words, e.g. ``onnxruntime 1.20.1 (auto; cached export)``."""
+    text = f"{info['runtime']} {info['version']}"
+    how = [] if info.get("requested") in (None, info["runtime"]) else [str(info["requested"])]
+    exports = list((info.get("exports") or {}).values())
+    if exports and info["runtime"] != "torch":
+        how.append("cached export" if exports[-1]["cached"] else "exported now")
+    return text + (f" ({'; '.join(how)})" if how else "")

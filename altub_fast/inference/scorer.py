@@ -51,6 +51,11 @@ class Scorer:
         self.info: Dict[str, Any] = {"requested": "torch", "runtime": "torch", "version": torch.__version__,
                                      "exports": {}, "check": None, "note": None}
 
+    def prepare(self, size_hw: Optional[Sequence[int]] = None) -> bool:
+        """Make ready to score inputs of ``size_hw``: nothing to do for eager PyTorch (False);
+        an exported runtime's scorer builds or loads its graph here."""
+        return False
+
     def read(self, files: Sequence[str]) -> ImageBatch:
         """The files as :meth:`score` takes them (see :func:`~altub_fast.inference.images.read_images`)."""
         return read_images(files, self.image_size, normalise=self.input_normalised)
