@@ -1,8 +1,8 @@
 """altub_fast.integrations.anomalib: AltUBFastflow / AltUBCflow inside anomalib 2.7 (the [anomalib] extra).
 
-- Engine fit + test + predict through anomalib's Folder datamodule on the synthetic carpet, counting
-  the base-only updates against the schedule, AUROC well above chance, the Lightning checkpoint
-  reloaded (AltUBFastflow; AltUBCflow with its fiber-batch updates);
+- Engine fit + test + predict on the synthetic carpet through anomalib's Folder datamodule
+  (AltUBFastflow: base-only updates counted against the schedule, AUROC well above chance, the
+  Lightning checkpoint reloaded) and MVTecAD datamodule (AltUBCflow, its fiber-batch updates);
 - altub=False with the published loss is anomalib's Fastflow bit for bit on the same weights, and
   an anomalib Fastflow Lightning checkpoint loads into AltUBFastflow;
 - Engine().export(ONNX) checked in onnxruntime (and the same file in OpenVINO's runtime);
@@ -44,6 +44,13 @@ def folder(root, batch_size=8):
                   abnormal_dir=[f"test/{d}" for d in SYNTHETIC_DEFECTS],
                   mask_dir=[f"ground_truth/{d}" for d in SYNTHETIC_DEFECTS], train_batch_size=batch_size,
                   eval_batch_size=batch_size, num_workers=0, val_split_mode="same_as_test", seed=0)
+
+
+def mvtec(root, batch_size=8):
+    from anomalib.data import MVTecAD
+
+    return MVTecAD(root=root.parent, category=root.name, train_batch_size=batch_size, eval_batch_size=batch_size,
+                   num_workers=0, val_split_mode="same_as_test", seed=0)
 
 
 def engine(tmp_path, **kw):
@@ -151,7 +158,8 @@ def test_fastflow_engine_fit_test_predict_and_checkpoint(carpet, tmp_path):
 
 @needs_anomalib
 def test_cflow_engine_fit_test_counts_fiber_batch_updates(carpet, tmp_path):
-    """AltUBCflow: one update per fiber batch (anomalib's split), every k-th base-only."""
+    """AltUBCflow through anomalib's MVTecAD datamodule (the carpet is in MVTec AD layout): one update
+    per fiber batch (anomalib's split), every k-th after the warm-up base-only."""
     from lightning.pytorch import seed_everything
 
     from altub_fast.integrations.anomalib import AltUBCflow
@@ -161,13 +169,13 @@ def test_cflow_engine_fit_test_counts_fiber_batch_updates(carpet, tmp_path):
                        k=3, warmup=2, visualizer=False)
     base_calls = count_calls(model, "unit_base_only_loss")
     eng = engine(tmp_path, max_epochs=1)
-    eng.fit(model, datamodule=folder(carpet))
+    eng.fit(model, datamodule=mvtec(carpet))
     # 64 px -> blocks 4/10/15 give 8x8, 4x4, 2x2 maps: (64 + 16 + 4) fibers x 8 images per batch
     per_batch = sum((8 * s * s) // 16 for s in (8, 4, 2))
     n = per_batch * 4
     assert model.altub_updates == n
     assert model.base_only_updates == len(base_calls) == sum(model.schedule.is_base_only(i) for i in range(1, n + 1))
-    metrics = eng.test(model, datamodule=folder(carpet))[0]
+    metrics = eng.test(model, datamodule=mvtec(carpet))[0]
     assert 0.0 <= metrics["pixel_AUROC"] <= 1.0
 
 
