@@ -36,7 +36,8 @@ def test_state_holds_model_optimisers_run_and_rng():
     assert {k: ck[k] for k in RUN} == RUN and set(ck["rng"]) >= {"torch", "numpy", "python"}
     assert torch.equal(ck["model"]["shift"], model.shift)
     model.backbone.random_weights = True
-    assert CheckpointStore(None).saves_backbone(model) and not CheckpointStore(None, save_backbone=False).saves_backbone(model)
+    assert CheckpointStore(None).saves_backbone(model)
+    assert not CheckpointStore(None, save_backbone=False).saves_backbone(model)
 
 
 def test_save_writes_last_best_and_epoch_files_atomically(tmp_path):

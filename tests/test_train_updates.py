@@ -119,3 +119,18 @@ def test_nonfinite_loss_skipped_under_skip(which, caplog):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()) if torch.isfinite(a).all())
     with pytest.raises(ValueError, match="on_nonfinite"):
         NonFinitePolicy("ignore", model)
+
+
+def test_epoch_tally_adds_up_the_updates():
+    from altub_fast.train.stats import EpochTally, ZStats
+
+    tally = EpochTally(ZStats([3], torch.device("cpu")))
+    z = [torch.ones(2, 3, 4, 4)]
+    for loss, base_only, skipped in [(1.0, False, False), (3.0, True, False), (float("nan"), False, True),
+                                     (5.0, False, False)]:
+        tally.add({"loss": loss, "base_only": base_only, "skipped": skipped, "z": z})
+    assert tally.losses() == {"loss": 3.0, "loss_flow_updates": 3.0, "loss_base_only_updates": 3.0, "updates": 3,
+                              "flow_updates": 2, "base_only_updates": 1, "skipped_updates": 1}
+    assert float(tally.zstats.n[0]) == 3 * 2 * 16                     # z of the three updates done
+    empty = EpochTally().losses()
+    assert empty["updates"] == 0 and empty["loss"] != empty["loss"]   # NaN without updates

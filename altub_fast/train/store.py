@@ -3,9 +3,9 @@
 a resumed run must use, and the calibration of ``last.pt`` and ``best.pt`` on the held-out images
 (each file's false-alarm threshold is stored in it).
 
-The file format (``CHECKPOINT_FORMAT``, keys below) is unchanged from the trainer that wrote all
-landed checkpoints; checkpoint.py has the file-level pieces (atomic_save, load_checkpoint_file,
-RNG states, rebuilding a model from a file).
+The file format (``CHECKPOINT_FORMAT``; its keys: :meth:`CheckpointStore.state`) is unchanged
+from the trainer that wrote all landed checkpoints; checkpoint.py has the file-level pieces
+(atomic_save, load_checkpoint_file, RNG states, rebuilding a model from a file).
 """
 from __future__ import annotations
 
