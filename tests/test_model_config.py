@@ -47,7 +47,7 @@ def test_signature_and_config_name_the_same_arguments(cls, config_cls):
 
 
 def test_stored_dict_is_the_landed_one():
-    m = tiny_fastflow(image_score="topk:0.05")
+    m = tiny_fastflow(score="fastflow", image_score="topk:0.05")   # the pre-issue-19 rules, as landed
     d = m.config.to_dict()
     assert list(d) == FASTFLOW_KEYS
     assert d == dict(name="fastflow", backbone="resnet18", image_size=[32, 32], pretrained=False, weights=None,

@@ -35,7 +35,7 @@ def test_models_are_trainable_flows(name):
     assert m.has_unused_parameters is (name == "cflow")
     assert config_dict(m.config) == m.config.to_dict() == dict(m.config)
     assert m.num_scales == 2 == len(m.bases)
-    assert m.scoring_rules() == {"score": "fastflow", "image_score": "topk"}
+    assert m.scoring_rules() == {"score": "loglik", "image_score": "fastflow/topk"}   # the defaults (issue 19)
     # the two parameter groups are disjoint and together are every trainable parameter
     flow, base = m.flow_parameters(), m.base_parameters()
     assert flow and base and not {id(p) for p in flow} & {id(p) for p in base}
