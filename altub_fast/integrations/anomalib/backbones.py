@@ -22,6 +22,7 @@ from ...models.backbones import EFFICIENTNET_LITE0_BLOCKS, base_name, is_vit_nam
 
 #: anomalib's Cflow default layers; with efficientnet_lite0 they stand for its default blocks.
 ANOMALIB_CFLOW_LAYERS = ("layer2", "layer3", "layer4")
+Shape = Tuple[int, int, int]
 
 
 def is_lite0(backbone: str) -> bool:
@@ -29,7 +30,7 @@ def is_lite0(backbone: str) -> bool:
 
 
 def fastflow_extractor(backbone: str, pre_trained: bool, weights: Optional[str], input_size: Tuple[int, int],
-                       feature_blocks: Optional[Sequence[int]] = None) -> Tuple[nn.Module, List[Tuple[int, int, int]], str]:
+                       feature_blocks: Optional[Sequence[int]] = None) -> Tuple[nn.Module, List[Shape], str]:
     """(feature_extractor, [(C, h, w) per scale], kind: "cnn" | "vit" | "efficientnet_lite")."""
     lite0 = is_lite0(backbone)
     fe = build_backbone(backbone, pretrained=pre_trained, weights=weights,
