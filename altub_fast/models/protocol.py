@@ -32,6 +32,10 @@ class TrainableFlow(Protocol):
     config: Any
     #: How many feature scales (or CFLOW-AD layers) the backbone gives.
     num_scales: int
+    #: The frozen backbone (a FeatureExtractor: ``describe()``, ``random_weights``) and the
+    #: per-scale LearnableGaussian bases (the trainer reports their statistics).
+    backbone: torch.nn.Module
+    bases: torch.nn.ModuleList
 
     def flow_parameters(self) -> List[torch.nn.Parameter]: ...
 
@@ -53,6 +57,8 @@ class TrainableFlow(Protocol):
     def calibrate(self, batches: Iterable) -> Tensor: ...
 
     def scoring_rules(self) -> Dict[str, str]: ...
+
+    def trainable_state_dict(self, include_backbone: bool = False) -> Dict[str, Tensor]: ...
 
 
 def config_dict(config: Any) -> Dict[str, Any]:
