@@ -17,6 +17,7 @@ from altub_fast import predict as P
 from altub_fast.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from altub_fast.inference import score_dataset
 from altub_fast.models import build_model
+from altub_fast.models.config import CFlowConfig, FastFlowConfig
 from altub_fast.models.scoring import DEFAULT_IMAGE_SCORE, DEFAULT_SCORE, image_scores_from_maps
 from altub_fast.train import load_model
 
@@ -42,20 +43,25 @@ def calibrated(kind="fastflow"):
     return m
 
 
+PIXEL_DEFAULT = {"fastflow": "loglik", "cflow": "cflow"}
+
+
 def test_the_defaults_are_the_worst_case_winners():
     assert (DEFAULT_SCORE, DEFAULT_IMAGE_SCORE) == ("loglik", "fastflow/topk:0.2")
+    assert (FastFlowConfig.default_score, CFlowConfig.default_score) == ("loglik", "cflow")
 
 
 @pytest.mark.parametrize("kind", ["fastflow", "cflow"])
 def test_build_model_uses_the_defaults_and_stores_them(kind):
     m = tiny(kind)
+    px = PIXEL_DEFAULT[kind]
     assert (m.scorer.mode, m.scorer.image_map, m.scorer.image_rule, m.scorer.topk_fraction) == (
-        "loglik", "fastflow", "topk", 0.2)
-    assert (m.config["score"], m.config["image_score"], m.config["topk_fraction"]) == ("loglik", "fastflow/topk", 0.2)
-    assert m.scoring_rules() == {"score": "loglik", "image_score": "fastflow/topk"}
+        px, "fastflow", "topk", 0.2)
+    assert (m.config["score"], m.config["image_score"], m.config["topk_fraction"]) == (px, "fastflow/topk", 0.2)
+    assert m.scoring_rules() == {"score": px, "image_score": "fastflow/topk"}
     # what a checkpoint stores rebuilds the same rules
     m2 = build_model(**{k: v for k, v in m.config.items() if k != "backbone_weights_origin"})
-    assert m2.scorer.image_score_rule == m.scorer.image_score_rule and m2.scorer.mode == "loglik"
+    assert m2.scorer.image_score_rule == m.scorer.image_score_rule and m2.scorer.mode == px
 
 
 @pytest.mark.parametrize("kind", ["fastflow", "cflow"])
@@ -64,7 +70,7 @@ def test_default_image_score_is_the_top_20_percent_of_the_fastflow_map(kind):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     maps, scores = m.anomaly_map(x)
     parts = m.score_parts(x)
-    torch.testing.assert_close(maps, m.scorer.maps(parts, mode="loglik", size=(32, 32)))
+    torch.testing.assert_close(maps, m.scorer.maps(parts, mode=PIXEL_DEFAULT[kind], size=(32, 32)))
     ff = m.scorer.maps(parts, mode="fastflow", size=(32, 32))
     torch.testing.assert_close(scores, image_scores_from_maps(ff, "topk", 0.2))
     assert not torch.allclose(scores, image_scores_from_maps(maps, "topk", 0.2))   # not the pixel map's

@@ -35,7 +35,8 @@ def test_models_are_trainable_flows(name):
     assert m.has_unused_parameters is (name == "cflow")
     assert config_dict(m.config) == m.config.to_dict() == dict(m.config)
     assert m.num_scales == 2 == len(m.bases)
-    assert m.scoring_rules() == {"score": "loglik", "image_score": "fastflow/topk"}   # the defaults (issue 19)
+    # the defaults (issue 19): FastFlow's pixel map loglik, CFLOW-AD's its own
+    assert m.scoring_rules() == {"score": "loglik" if name == "fastflow" else "cflow", "image_score": "fastflow/topk"}
     # the two parameter groups are disjoint and together are every trainable parameter
     flow, base = m.flow_parameters(), m.base_parameters()
     assert flow and base and not {id(p) for p in flow} & {id(p) for p in base}

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 from .extractor import FeatureExtractor, as_hw, base_name
-from .scoring import check_score_mode, parse_image_rule
+from .scoring import DEFAULT_SCORE, check_score_mode, parse_image_rule
 
 __all__ = ["ModelConfig", "FastFlowConfig", "CFlowConfig", "FASTFLOW_DEFAULTS", "model_key", "setting"]
 
@@ -79,6 +79,8 @@ class ModelConfig(Mapping):
 
     #: The model's name, the stored dict's first key (FastFlow.model_name, CFlow.model_name).
     name: ClassVar[str] = ""
+    #: The pixel map when ``score`` is None (see :mod:`.scoring`: chosen by the worst data set, issue 19).
+    default_score: ClassVar[str] = DEFAULT_SCORE
 
     backbone: str = "wide_resnet50_2"
     image_size: Union[int, Tuple[int, int], List[int]] = 256
@@ -104,7 +106,7 @@ class ModelConfig(Mapping):
         blocks = getattr(backbone, "feature_blocks", None)
         rule = parse_image_rule(self.image_score, self.topk_fraction)
         return dataclasses.replace(self, backbone=backbone.name, backbone_weights_origin=backbone.weights_origin,
-                                   score=check_score_mode(self.score), image_score=rule.spec,
+                                   score=check_score_mode(self.score or self.default_score), image_score=rule.spec,
                                    topk_fraction=rule.fraction,
                                    feature_blocks=_list_or_none(blocks), **filled)
 
@@ -203,6 +205,9 @@ class CFlowConfig(ModelConfig):
     """CFLOW-AD's arguments (see :class:`~altub_fast.models.cflow.CFlow` for each)."""
 
     name: ClassVar[str] = "cflow"
+    #: CFLOW-AD's own map: it keeps the flow's Jacobian (which the FastFlow map's failure on issue 19's
+    #: set A showed is needed) and beat "loglik" on CFLOW-AD on every set where both were measured.
+    default_score: ClassVar[str] = "cflow"
 
     out_indices: Optional[List[int]] = None
     condition_dim: int = 128

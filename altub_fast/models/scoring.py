@@ -12,13 +12,13 @@ each per dimension (divided by the scale's channel count C):
 
 Score modes (``score=``, the pixel map):
 
-- ``"loglik"`` (default): per scale, the negative full log-likelihood standardised by its mean and
+- ``"loglik"`` (FastFlow's default): per scale, the negative full log-likelihood standardised by its mean and
   standard deviation over the pixels of held-out *normal* training images; bilinear upsampling
   (align_corners=False); mean over scales. Without the standardisation, a scale with more log-density
   spread would outvote the others.
 - ``"fastflow"``: the FastFlow paper's map, -exp(mean over channels of log p(z)) without the
   constant (SPEC 3). Needs no calibration.
-- ``"cflow"``: CFLOW-AD's map, per layer exp(ll_full - M) upsampled (align_corners=True) and summed,
+- ``"cflow"`` (CFLOW-AD's default): CFLOW-AD's map, per layer exp(ll_full - M) upsampled (align_corners=True) and summed,
   map = T - sum (SPEC 4). The official code takes M and T over the whole *test* set; here they come
   from the held-out normal images, so an image's score does not depend on which other images are scored.
 
@@ -28,11 +28,14 @@ given) or ``"topk:F"``. MAP, when given, is the map the image score is taken fro
 from the pixel map; without it the image score comes from the pixel map (the form every checkpoint
 written before issue 19 stores, so they keep their rules).
 
-The defaults (``loglik`` pixel map, ``fastflow/topk:0.2`` image score) are the rules with the highest
-*minimum* over every data set measured, the two held-out real sets of issue 19 included (issue 19's
-study, ``docs/results.md``): the loglik map's worst set is 0.780 pixel AUROC where FastFlow's map falls
-to 0.681 (aligned dark tyres, where its map lights up the background); the top 20 % of FastFlow's map
-has the highest worst-case image AUROC (0.785) of the image rules measured on every set.
+The defaults are the rules with the highest *minimum* over every data set measured, the two
+held-out real sets of issue 19 included (issue 19's study, ``docs/results.md``). FastFlow: the
+``loglik`` pixel map, whose worst set is 0.780 pixel AUROC where FastFlow's map falls to 0.681
+(aligned dark tyres, where its map lights up the background). Both models: the image score
+``fastflow/topk:0.2``, the top 20 % of FastFlow's map, with the highest worst-case image AUROC (0.785)
+of the image rules measured on every set. CFLOW-AD: its own ``cflow`` map (``CFlowConfig.default_score``),
+which keeps the Jacobian as ``loglik`` does and beat it on CFLOW-AD on both sets where they were compared;
+no held-out set measured CFLOW-AD.
 
 Every constant is a registered buffer of :class:`MapScorer` (so it is in the state_dict, in every
 checkpoint and in an exported model) and is set only by :meth:`MapScorer.fit` from held-out normal
