@@ -32,23 +32,23 @@ def stripes(n, size=SIZE, seed=0):
     return torch.stack(out)
 
 
-def make_checkpoint(folder, kind="fastflow"):
-    """A tiny trained checkpoint (random resnet18 backbone saved in it, 64 px, 2 blocks, 1 epoch),
-    its score normalisation calibrated on other normal images."""
+def make_checkpoint(folder, kind="fastflow", size=SIZE):
+    """A tiny trained checkpoint (random resnet18 backbone saved in it, ``size`` px (64), 2 blocks,
+    1 epoch), its score normalisation calibrated on other normal images."""
     torch.manual_seed(0)
     np.random.seed(0)
     if kind == "fastflow":
-        m = build_model("fastflow", "resnet18", pretrained=False, image_size=SIZE, out_indices=(1, 2),
+        m = build_model("fastflow", "resnet18", pretrained=False, image_size=size, out_indices=(1, 2),
                         flow_steps=2, hidden_ratio=0.25)
     else:
-        m = build_model("cflow", "resnet18", pretrained=False, image_size=SIZE, out_indices=(1, 2),
+        m = build_model("cflow", "resnet18", pretrained=False, image_size=size, out_indices=(1, 2),
                         coupling_blocks=2, condition_dim=16, fiber_batch_size=64)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    data = TensorDataset((stripes(8) - mean) / std)
+    data = TensorDataset((stripes(8, size=size) - mean) / std)
     tr = AltUBTrainer(m, data, epochs=1, batch_size=4, progress=False, checkpoint_dir=str(folder))
     tr.fit()
-    m.calibrate([(stripes(4, seed=9) - mean) / std])
+    m.calibrate([(stripes(4, size=size, seed=9) - mean) / std])
     assert m.calibrated and not torch.equal(m.scorer.scale, torch.ones_like(m.scorer.scale))
     return Path(tr.save_checkpoint())
 
