@@ -165,6 +165,24 @@ def test_corrupt_cached_export_is_rebuilt(ckpt, carpet, tmp_path, damage):
     assert json.loads((entry / MANIFEST).read_text())["files"]["model.onnx"]
 
 
+def test_cache_falls_back_to_the_user_cache_where_the_checkpoint_folder_is_read_only(tmp_path, monkeypatch):
+    from altub_fast.inference import export_cache
+
+    ck = tmp_path / "ro" / "model.pt"
+    ck.parent.mkdir()
+    ck.write_bytes(b"x")
+    assert export_cache.cache_dir_for(ck) == Path(str(ck) + ".exports")
+    monkeypatch.setenv("ALTUB_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(export_cache.os, "access", lambda path, mode: False)
+    root = export_cache.cache_dir_for(ck)
+    assert root.is_dir() and root.parent == tmp_path / "cache" / "exports"
+    assert root.name.startswith("model.pt-") and root.name.endswith(".exports")
+    other = tmp_path / "elsewhere" / "model.pt"             # another run's checkpoint of the same name
+    other.parent.mkdir()
+    other.write_bytes(b"y")
+    assert export_cache.cache_dir_for(other) != root
+
+
 def test_a_graph_that_disagrees_warns_and_scores_with_torch(ckpt, carpet, tmp_path, monkeypatch, capsys):
     _, files = carpet
     real_call = ExportedModel.__call__

@@ -13,7 +13,8 @@ else (a truncated or edited file, a half-written folder) is deleted and rebuilt,
 Builds go to a temporary folder that is renamed into place once complete, so a crash or a second
 process never leaves a half-written entry under the final name. After a build the entries of other
 contents of the same checkpoint file (stale: the file changed) are removed. Where the checkpoint's
-folder is not writable the cache is ``$ALTUB_FAST_CACHE/exports`` (default ``~/.cache/altub_fast``).
+folder is not writable the cache is under ``$ALTUB_FAST_CACHE/exports`` (default
+``~/.cache/altub_fast``), one folder per checkpoint path.
 """
 from __future__ import annotations
 
@@ -77,8 +78,11 @@ class ExportKey:
 
 
 def _fallback_root(checkpoint) -> Path:
+    """``$ALTUB_FAST_CACHE/exports/<name>-<hash of its absolute path>.exports``: one folder per
+    checkpoint path, as beside it (two ``last.pt`` of different runs do not share one)."""
     base = Path(os.environ.get("ALTUB_FAST_CACHE", Path.home() / ".cache" / "altub_fast"))
-    return base / "exports" / (Path(checkpoint).name + ".exports")
+    where = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:12]
+    return base / "exports" / f"{Path(checkpoint).name}-{where}.exports"
 
 
 def cache_dir_for(checkpoint) -> Path:
@@ -90,7 +94,7 @@ def cache_dir_for(checkpoint) -> Path:
             return beside
     except OSError:
         pass
-    root = _fallback_root(Path(checkpoint).resolve())
+    root = _fallback_root(checkpoint)
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -144,6 +148,9 @@ def get_export(key: ExportKey, checkpoint, build: Callable[[Path], Path], rebuil
         manifest = {"key": key.to_dict(), "model": model.name, "files": files, "checkpoint": str(checkpoint)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():
+            other = None if rebuild else load_entry(final, key)
+            if other is not None:   # another process finished the same entry meanwhile: use theirs
+                return other, True
             _remove(final)
         try:
             os.replace(tmp, final)

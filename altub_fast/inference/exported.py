@@ -6,7 +6,8 @@ The file is what ``python -m altub_fast.export`` writes: one input ``images`` (R
 the model's input size, un-normalised: the ImageNet normalisation is inside the graph), two outputs
 ``maps`` (B, H, W) and ``scores`` (B,). Read its images with
 ``altub_fast.inference.read_images(files, size, normalise=False)``. export checks every file it
-writes with this class; a runtime backend for predict / eval would wrap it.
+writes with this class; predict / eval's ``--runtime onnxruntime|openvino``
+(:class:`~altub_fast.inference.runtime_scorer.RuntimeScorer`) runs their cached exports with it.
 """
 from __future__ import annotations
 
