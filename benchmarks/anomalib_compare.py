@@ -18,7 +18,9 @@ order, for each of:
 - ``altub``: ``AltUBFastflow()``: learnable bases, every 5th update base-only after 20 (defaults).
 
 Reported per run: anomalib's test image/pixel AUROC and training images per second (the time
-inside training batches only, validation excluded). Validation runs once, after the last epoch
+inside training batches only, validation excluded); then, since a shared machine's load drifts
+during the runs, the median time of one ordinary update (same batch, the runs interleaved, 7
+rounds) as a second speed figure. Validation runs once, after the last epoch
 (anomalib's post-processor needs it; AUROC does not depend on its thresholds).
 """
 from __future__ import annotations
@@ -97,14 +99,15 @@ def build(name: str, size, seed: int):
     kw = dict(altub_off=dict(altub=False, norm_logdet=False), altub_off_exact=dict(altub=False), altub=dict())[name]
     model = AltUBFastflow(backbone="efficientnet_lite0", image_size=tuple(size), visualizer=False, **kw)
     model.load_state_dict(ref.state_dict(), strict=True)
-    seed_everything(seed)
     return model
 
 
 def run(name: str, args) -> dict:
     from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
 
     model = build(name, args.size, args.seed)
+    seed_everything(args.seed)   # the same data order for every run
     timer = BatchTimer()
     engine = Engine(max_epochs=args.epochs, check_val_every_n_epoch=args.epochs, default_root_dir=args.work / name,
                     logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
@@ -119,6 +122,31 @@ def run(name: str, args) -> dict:
         out.update(updates=model.altub_updates, base_only_updates=model.base_only_updates)
     print(json.dumps(out), flush=True)
     return out
+
+
+def update_seconds(args, rounds: int = 7) -> dict:
+    """Median seconds of one ordinary training update (forward, backward, Adam step) on the same
+    batch, the runs interleaved round by round so that a change in the machine's load hits them all."""
+    batch = torch.rand(args.batch_size, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
+    steps = {}
+    for name in args.runs:
+        model = build(name, args.size, args.seed)
+        model.train()
+        opt = torch.optim.Adam([p for p in model.model.parameters() if p.requires_grad], lr=1e-3)
+        if name == "anomalib":
+            loss = (lambda m: lambda: m.loss(*m.model(batch)))(model)
+        else:
+            loss = (lambda m: lambda: m.model.loss(batch))(model)
+        steps[name] = (loss, opt)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (loss, opt) in steps.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main(argv=None):
@@ -139,6 +167,11 @@ def main(argv=None):
                     seed=args.seed, backbone="efficientnet_lite0", torch=torch.__version__,
                     anomalib=anomalib.__version__, threads=torch.get_num_threads(), machine=platform.machine())
     results = [run(name, args) for name in args.runs]
+    speed = update_seconds(args)
+    for r in results:
+        r["update_s_median"] = speed[r["run"]]
+        r["update_images_per_s"] = args.batch_size / speed[r["run"]]
+    print(json.dumps(speed), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(dict(settings=settings, results=results), indent=1) + "\n")
 
