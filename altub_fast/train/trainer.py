@@ -10,8 +10,11 @@ updates.py (:class:`FlowUpdate` and :class:`BaseOnlyUpdate`, each with its optim
 and non-finite handling) and store.py (:class:`CheckpointStore`: the checkpoint's state, atomic
 save/load, the restored held-out split, calibration of last/best); the smaller pieces are listed
 in the package docstring. The model is anything validation.check_model accepts: the
-``altub_fast.models.protocol.TrainableFlow`` protocol plus ``bases``, ``backbone`` and
-``trainable_state_dict``.
+``altub_fast.models.protocol.TrainableFlow`` protocol.
+
+At about 410 lines this file is a little over the house's ~400: it is the one object users call
+(``fit``, ``train_epoch``, ``update``, ``evaluate_nll``, ``state_dict``, ``save_checkpoint`` /
+``load_checkpoint`` / ``from_checkpoint``, ``selection``), and each of those delegates to the parts.
 """
 from __future__ import annotations
 
