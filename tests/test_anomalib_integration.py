@@ -122,10 +122,12 @@ def test_fastflow_engine_fit_test_predict_and_checkpoint(carpet, tmp_path):
     from lightning.pytorch import seed_everything
 
     from altub_fast.integrations.anomalib import AltUBFastflow
+    from altub_fast.train.schedule import AltUBSchedule
 
     seed_everything(0)
-    model = AltUBFastflow(backbone="efficientnet_lite0", image_size=128, flow_steps=4, k=4, warmup=0,
-                          visualizer=False)
+    # an AltUBSchedule in the hyperparameters: the checkpoint must still load with weights_only=True
+    model = AltUBFastflow(backbone="efficientnet_lite0", image_size=128, flow_steps=4,
+                          schedule=AltUBSchedule(k=4, warmup=0), visualizer=False)
     flow_calls, base_calls = count_calls(model, "loss"), count_calls(model, "base_only_loss")
     eng = engine(tmp_path, max_epochs=3)
     eng.fit(model, datamodule=folder(carpet))
