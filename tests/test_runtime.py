@@ -202,6 +202,24 @@ def test_a_graph_that_disagrees_warns_and_scores_with_torch(ckpt, carpet, tmp_pa
     np.testing.assert_allclose([p["score"] for p in doc["predictions"]], ref, rtol=1e-6, atol=1e-7)
 
 
+def test_auto_moves_on_to_the_next_runtime_when_one_disagrees(ckpt, carpet, tmp_path, monkeypatch, capsys):
+    _, files = carpet
+    real_call = ExportedModel.__call__
+
+    def onnx_off(self, images):
+        maps, scores = real_call(self, images)
+        return (maps * 1.001 if self.format == "onnx" else maps), scores
+    monkeypatch.setattr(ExportedModel, "__call__", onnx_off)
+    assert P.main(["--checkpoint", str(ckpt), *files, "--out", str(tmp_path), "--quiet", "--max-overlays", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "onnxruntime graph does not reproduce PyTorch" in err and "trying openvino instead" in err
+    doc = json.loads((tmp_path / "predictions.json").read_text())
+    assert doc["runtime"]["runtime"] == "openvino" and doc["runtime"]["check"]["passed"]
+    assert "onnxruntime graph does not reproduce" in doc["runtime"]["note"]
+    model, _ = open_checkpoint(str(ckpt), device="cpu")
+    assert rel_err(np.array([p["score"] for p in doc["predictions"]]), torch_outputs(model, files)[1].numpy()) <= RTOL
+
+
 # ----------------------------------------------------------------------------- missing packages
 def _hide(monkeypatch, *names):
     real = importlib.util.find_spec

@@ -41,10 +41,12 @@ class ExportedModel:
 
     onnxruntime (CPUExecutionProvider), OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``
     (its default on CPUs with bfloat16 units would be bf16), or ``torch.jit.load``. ``threads``:
-    intra-op threads of the runtime (default: the runtime's own choice).
+    intra-op threads of the runtime (default: the runtime's own choice). ``spinning=False``: ONNX
+    Runtime's idle threads sleep instead of spin-waiting (``session.intra_op.allow_spinning``), so
+    other threads of the process (image readers) get the cores between calls.
     """
 
-    def __init__(self, path, fmt: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path, fmt: Optional[str] = None, threads: Optional[int] = None, spinning: bool = True):
         self.path = str(path)
         self.format = fmt or format_of(path)
         if self.format not in FORMATS:
@@ -57,6 +59,8 @@ class ExportedModel:
             if threads:
                 opts.intra_op_num_threads = int(threads)
                 opts.inter_op_num_threads = 1
+            if not spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         elif self.format == "openvino":
             import openvino as ov

@@ -69,6 +69,17 @@ class AnomalyMapModule(nn.Module):
         return maps.float(), scores.float()
 
 
+def _plain_backbone(model: nn.Module) -> None:
+    """The backbone's path is chosen by the model's config (``config.impl``, None: the
+    environment's ``ALTUB_FAST_IMPL``), not by a submodule's ``impl``, so ``use_plain_path`` leaves
+    it to the CPU fast path under "auto": set it to "torch" too (on the copy being exported)."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict):
+        cfg["impl"] = "torch"
+    elif cfg is not None and hasattr(cfg, "impl"):
+        cfg.impl = "torch"
+
+
 def prepare_for_export(model: nn.Module, image_size: Optional[Sequence[int]] = None) -> AnomalyMapModule:
     """A copy of ``model`` on the CPU, in eval mode, without gradients, on the plain PyTorch path
     (:func:`altub_fast.backend.use_plain_path`: every block's ``impl="torch"``), without the
@@ -79,6 +90,7 @@ def prepare_for_export(model: nn.Module, image_size: Optional[Sequence[int]] = N
     for p in m.parameters():
         p.requires_grad_(False)
     use_plain_path(m)
+    _plain_backbone(m)
     if hasattr(m, "check_finite"):
         m.check_finite = False
     if hasattr(m, "inference_chunk"):

@@ -10,11 +10,15 @@
 one exports the model once per input size (:mod:`~altub_fast.inference.graph`, the graph
 ``python -m altub_fast.export`` writes: ``model.anomaly_map``'s map and image score rule) into the
 cache beside the checkpoint (:mod:`~altub_fast.inference.export_cache`), and on the first batch of
-each size runs PyTorch too: maps and scores must agree within ``rtol`` (1e-4) of PyTorch's largest
-value. A cached export that fails the check is rebuilt and checked again; a fresh one that fails,
-or an export that cannot be built, prints a warning and the scorer runs PyTorch from then on (that
-batch's scores are PyTorch's), so scores are never silently different. A map that is not finite
-raises :class:`~altub_fast.models.NonFiniteError`, as the model does.
+each size runs PyTorch too (the model on the plain path the graph was exported from): maps and
+scores must agree within ``rtol`` (1e-4) of PyTorch's largest value. A cached export that fails the
+check is rebuilt (from the model in memory) and checked again; a fresh one that fails, or an
+export that cannot be built, prints a warning and the scorer moves on: with ``auto`` to the next
+installed runtime (checked the same way), else, and after the last, to PyTorch for the rest of the
+run (that batch's scores are then PyTorch's), so scores are never silently different. ONNX Runtime
+can miss 1e-4 where OpenVINO does not (measured: FastFlow resnet18 at 256 px, one image, 1.5e-4
+against OpenVINO's 7e-6). A map that is not finite raises
+:class:`~altub_fast.models.NonFiniteError`, as the model does.
 
 ``input_normalised``: False (predict) reads files as RGB in [0, 1], which the graph takes directly;
 True (eval, whose datasets give ImageNet-normalised images) undoes the normalisation before the
@@ -35,7 +39,7 @@ from ..imagenet import normalise as imagenet_normalise
 from .export_cache import ExportKey, file_digest, get_export
 from .exported import ExportedModel
 from .graph import DEFAULT_OPSET, EXAMPLE_BATCH, check_images, export_onnx, export_openvino, prepare_for_export, rel_err
-from .runtime import FORMAT_OF_RUNTIME, resolve_runtime, runtime_version
+from .runtime import FORMAT_OF_RUNTIME, installed_runtimes, resolve_runtime, runtime_version
 from .scorer import Scorer
 
 __all__ = ["RuntimeScorer", "make_scorer", "describe_runtime", "DEFAULT_RTOL", "serves_whole_sets"]
@@ -59,24 +63,32 @@ def serves_whole_sets(model: nn.Module) -> bool:
 
 class RuntimeScorer(Scorer):
     """A :class:`Scorer` whose ``score`` runs an exported graph in ``runtime`` (see the module
-    docstring). ``threads``: the runtime's intra-op threads (default: torch's)."""
+    docstring). ``threads``: the runtime's intra-op threads (default: torch's). ``fallbacks``: the
+    runtimes to try, in order, when one cannot export or disagrees with PyTorch, before PyTorch
+    itself (``auto``: the other installed runtimes; an explicit runtime: none)."""
 
     def __init__(self, model: nn.Module, runtime: str, checkpoint, *, input_normalised: bool = False,
                  threads: Optional[int] = None, rtol: float = DEFAULT_RTOL, requested: Optional[str] = None,
-                 warn: Callable[[str], None] = _warn):
+                 fallbacks: Sequence[str] = (), warn: Callable[[str], None] = _warn):
         super().__init__(model, "cpu")
         if runtime not in FORMAT_OF_RUNTIME:
             raise ValueError(f"runtime must be one of {tuple(FORMAT_OF_RUNTIME)}, got {runtime!r}")
         self.input_normalised = bool(input_normalised)
         self.runtime, self.checkpoint, self.rtol, self._warn = runtime, str(checkpoint), float(rtol), warn
         self.threads = threads or torch.get_num_threads()
-        self.version = runtime_version(runtime)
+        self._fallbacks = [r for r in fallbacks if r != runtime and r in FORMAT_OF_RUNTIME]
         self._digest: Optional[str] = None
+        self.info = {"requested": requested or runtime, "exports": {}, "check": None, "note": None}
+        self._use(runtime)
+
+    def _use(self, runtime: str) -> None:
+        """Switch to ``runtime`` ("torch" included): nothing exported, loaded or checked for it yet."""
+        self.runtime = runtime
+        self.version = torch.__version__ if runtime == "torch" else runtime_version(runtime)
         self._runners: Dict[Tuple[int, int], ExportedModel] = {}
         self._cached: Dict[Tuple[int, int], bool] = {}
         self._checked: set = set()
-        self.info = {"requested": requested or runtime, "runtime": runtime, "version": self.version,
-                     "exports": {}, "check": None, "note": None}
+        self.info.update(runtime=runtime, version=self.version)
 
     # ------------------------------------------------------------------ the export
     def _key(self, size: Tuple[int, int]) -> ExportKey:
@@ -102,19 +114,24 @@ class RuntimeScorer(Scorer):
         key = self._key(size)
         path, cached = get_export(key, self.checkpoint, self._build(size), rebuild=rebuild)
         try:
-            runner = ExportedModel(path, FORMAT_OF_RUNTIME[self.runtime], threads=self.threads)
+            runner = self._open(path)
         except Exception:   # noqa: BLE001 - a file the runtime refuses is corrupt whatever it raises
             if not cached:
                 raise
             path, cached = get_export(key, self.checkpoint, self._build(size), rebuild=True)
-            runner = ExportedModel(path, FORMAT_OF_RUNTIME[self.runtime], threads=self.threads)
+            runner = self._open(path)
         self._runners[size], self._cached[size] = runner, cached
         self.info["exports"][f"{size[0]}x{size[1]}"] = {"path": str(path), "cached": cached}
         return runner
 
+    def _open(self, path) -> ExportedModel:
+        # ONNX Runtime's threads wait without spinning: the reader threads share the cores
+        return ExportedModel(path, FORMAT_OF_RUNTIME[self.runtime], threads=self.threads, spinning=False)
+
     def prepare(self, size_hw: Optional[Sequence[int]] = None) -> bool:
         """Export (or find in the cache) the graph for ``size_hw`` (default: the model's) and load
-        it; False, with a warning, when that fails and the scorer falls back to PyTorch."""
+        it; False, with a warning, when that fails and the scorer falls back (to the next runtime
+        of ``fallbacks``, else PyTorch)."""
         size = tuple(int(v) for v in (size_hw or self.image_size))
         if self.runtime == "torch":
             return False
@@ -129,9 +146,11 @@ class RuntimeScorer(Scorer):
             return False
 
     def _fall_back(self, why: str) -> None:
-        self._warn(f"{why}; scoring with PyTorch (runtime torch) instead")
-        self.info.update(runtime="torch", version=torch.__version__, note=why)
-        self.runtime = "torch"
+        nxt = self._fallbacks.pop(0) if self._fallbacks else "torch"
+        then = "scoring with PyTorch (runtime torch) instead" if nxt == "torch" else f"trying {nxt} instead"
+        self._warn(f"{why}; {then}")
+        self.info["note"] = "; ".join(filter(None, [self.info.get("note"), why]))
+        self._use(nxt)
 
     # ------------------------------------------------------------------ scoring
     def _torch(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -145,32 +164,41 @@ class RuntimeScorer(Scorer):
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         return (images.detach().cpu().float() * std + mean).numpy()
 
-    def _check(self, size, images, maps, scores) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """PyTorch on the same batch: None when the graph agrees, else PyTorch's outputs."""
-        ref_maps, ref_scores = self._torch(images)
-        em, es = rel_err(maps, ref_maps.float().numpy()), rel_err(scores, ref_scores.float().numpy())
+    def _check(self, size, ref, maps, scores) -> bool:
+        """The graph's outputs against PyTorch's (``ref``) on the same batch, recorded in ``info``."""
+        em, es = rel_err(maps, ref[0]), rel_err(scores, ref[1])
         ok = em <= self.rtol and es <= self.rtol
-        self.info["check"] = {"batch": int(images.shape[0]), "max_rel_err_maps": em, "max_rel_err_scores": es,
-                              "rtol": self.rtol, "passed": bool(ok)}
-        return None if ok else (ref_maps, ref_scores)
+        self.info["check"] = {"runtime": self.runtime, "batch": int(maps.shape[0]), "max_rel_err_maps": em,
+                              "max_rel_err_scores": es, "rtol": self.rtol,
+                              "reference": "PyTorch, plain path (impl='torch')", "passed": bool(ok)}
+        return ok
 
-    def _first_batch(self, size, images, x, maps, scores):
-        """The check of a size's first batch: (maps, scores) to return, PyTorch's after a fallback."""
-        ref = self._check(size, images, maps, scores)
-        if ref is not None and self._cached[size]:   # a cached graph that disagrees: rebuild, check again
+    def _reference(self, size, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """PyTorch's maps and scores of the graph input ``x``: the model on the plain PyTorch path,
+        the function the graph was exported from (a copy from :func:`prepare_for_export`, dropped
+        after). The eager CPU fast path differs from it by up to its own 1e-4
+        (``cpu_fast.FOLD_RTOL`` on the features), more than a faithful graph does."""
+        with torch.no_grad():
+            maps, scores = prepare_for_export(self.model, size)(torch.from_numpy(x))
+        return maps.numpy(), scores.numpy()
+
+    def _first_batch(self, size, x, ref, maps, scores):
+        """The check of a size's first batch: the graph's (maps, scores), or None after falling back."""
+        ok = self._check(size, ref, maps, scores)
+        if not ok and self._cached[size]:   # a cached graph that disagrees: rebuild, check again
             try:
                 self._load(size, rebuild=True)
                 maps, scores = self._runners[size](x)
-                ref = self._check(size, images, maps, scores)
-            except Exception as e:   # noqa: BLE001 - the rebuild failed: PyTorch, as for a mismatch
+                ok = self._check(size, ref, maps, scores)
+            except Exception as e:   # noqa: BLE001 - the rebuild failed: as for a mismatch
                 self._fall_back(f"rebuilding the {self.runtime} export failed ({type(e).__name__}: {e})")
-                return self._torch(images)
-        if ref is not None:
+                return None
+        if not ok:
             c = self.info["check"]
             self._fall_back(f"the {self.runtime} graph does not reproduce PyTorch within {self.rtol:g} relative "
                             f"on the first batch (maps {c['max_rel_err_maps']:.3g}, scores "
                             f"{c['max_rel_err_scores']:.3g})")
-            return ref
+            return None
         self._checked.add(size)
         return maps, scores
 
@@ -178,18 +206,23 @@ class RuntimeScorer(Scorer):
     def score(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, H, W), scores (B,)) of a batch, from the exported graph (PyTorch after a fallback)."""
         size = tuple(int(v) for v in images.shape[-2:])
-        if self.runtime == "torch" or not self.prepare(size):
-            return self._torch(images)
-        x = self._graph_input(images)
-        maps, scores = self._runners[size](x)
-        if size not in self._checked:
-            maps, scores = self._first_batch(size, images, x, maps, scores)
-            if torch.is_tensor(maps):   # PyTorch's, after a fallback
-                return maps, scores
-        if not np.isfinite(maps).all():
-            from ..models import NonFiniteError
-            raise NonFiniteError(f"{type(self.model).__name__} anomaly map holds NaN/Inf (runtime {self.runtime})")
-        return torch.from_numpy(np.ascontiguousarray(maps)), torch.from_numpy(np.ascontiguousarray(scores))
+        ref = None
+        while self.runtime != "torch":
+            if not self.prepare(size):
+                continue                      # it fell back: the next runtime, or PyTorch
+            x = self._graph_input(images)
+            maps, scores = self._runners[size](x)
+            if size not in self._checked:
+                ref = ref if ref is not None else self._reference(size, x)
+                out = self._first_batch(size, x, ref, maps, scores)
+                if out is None:
+                    continue
+                maps, scores = out
+            if not np.isfinite(maps).all():
+                from ..models import NonFiniteError
+                raise NonFiniteError(f"{type(self.model).__name__} anomaly map holds NaN/Inf (runtime {self.runtime})")
+            return torch.from_numpy(np.ascontiguousarray(maps)), torch.from_numpy(np.ascontiguousarray(scores))
+        return self._torch(images)
 
     def partial(self, images: torch.Tensor):
         return self.score(images)
@@ -211,7 +244,9 @@ def make_scorer(model: nn.Module, runtime: str = "auto", checkpoint=None, device
     elif name != "torch" and not serves_whole_sets(model):
         reason = f"{type(model).__name__} combines its batches' maps otherwise than the exported graph"
     if name != "torch" and reason is None:
-        return RuntimeScorer(model, name, checkpoint, input_normalised=feeds_normalised, requested=runtime, **kw)
+        others = installed_runtimes() if runtime == "auto" else ()
+        return RuntimeScorer(model, name, checkpoint, input_normalised=feeds_normalised, requested=runtime,
+                             fallbacks=others, **kw)
     if reason is not None and runtime != "auto":
         _warn(f"--runtime {runtime}: {reason}; scoring with PyTorch (runtime torch)")
     scorer = Scorer(model, device, amp)
