@@ -80,10 +80,12 @@ def _model_options(m) -> None:
     m.add_argument("--checkpoint", default=None, help="load a trained checkpoint instead of training")
     m.add_argument("--score", choices=("loglik", "fastflow", "cflow"), default=None,
                    help="anomaly map: loglik (full log-likelihood standardised on held-out normals), fastflow "
-                        "(the FastFlow paper's), cflow (CFLOW-AD's) (default: the model's; fastflow for both runs "
-                        "of --compare-reference with FrEIA's block, which has no per-pixel log-det)")
-    m.add_argument("--image-score", default=None, help="image score from the map: max, topk or topk:F "
-                   "(mean of the top fraction F of pixels) (default: the model's)")
+                        "(the FastFlow paper's), cflow (CFLOW-AD's) (default: loglik for FastFlow, cflow for "
+                        "CFLOW-AD, chosen by the worst data set in docs/results.md; a --checkpoint keeps its own; "
+                        "fastflow for both runs of --compare-reference with FrEIA's block, which has no per-pixel "
+                        "log-det)")
+    m.add_argument("--image-score", default=None, help="image score: [MAP/]max, [MAP/]topk or [MAP/]topk:F (the "
+                   "mean of the top fraction F of pixels of MAP, default the pixel map) (default: fastflow/topk:0.2)")
     m.add_argument("--feature-blocks", default=None, type=_int_list,
                    help="efficientnet_lite0 only: the MBConv blocks to take features from, e.g. 4,10 "
                         "(default: the model's, see docs/results.md)")
