@@ -11,9 +11,8 @@ one exports the model once per input size (:mod:`~altub_fast.inference.graph`, t
 ``python -m altub_fast.export`` writes: ``model.anomaly_map``'s map and image score rule) into the
 cache beside the checkpoint (:mod:`~altub_fast.inference.export_cache`), and on the first batch of
 each size runs PyTorch too (the model on the plain path the graph was exported from): maps and
-scores must agree within ``rtol`` (1e-4) of PyTorch's largest value. A cached export that fails the
-check is rebuilt (from the model in memory) and checked again; a fresh one that fails, or an
-export that cannot be built, prints a warning and the scorer moves on: with ``auto`` to the next
+scores must agree within ``rtol`` (1e-4) of PyTorch's largest value. A graph that fails the check,
+or an export that cannot be built, prints a warning and the scorer moves on: with ``auto`` to the next
 installed runtime (checked the same way), else, and after the last, to PyTorch for the rest of the
 run (that batch's scores are then PyTorch's), so scores are never silently different. ONNX Runtime
 can miss 1e-4 where OpenVINO does not (measured: FastFlow resnet18 at 256 px, one image, 1.5e-4
@@ -86,7 +85,6 @@ class RuntimeScorer(Scorer):
         self.runtime = runtime
         self.version = torch.__version__ if runtime == "torch" else runtime_version(runtime)
         self._runners: Dict[Tuple[int, int], ExportedModel] = {}
-        self._cached: Dict[Tuple[int, int], bool] = {}
         self._checked: set = set()
         self.info.update(runtime=runtime, version=self.version)
 
@@ -120,7 +118,7 @@ class RuntimeScorer(Scorer):
                 raise
             path, cached = get_export(key, self.checkpoint, self._build(size), rebuild=True)
             runner = self._open(path)
-        self._runners[size], self._cached[size] = runner, cached
+        self._runners[size] = runner
         self.info["exports"][f"{size[0]}x{size[1]}"] = {"path": str(path), "cached": cached}
         return runner
 
@@ -182,18 +180,11 @@ class RuntimeScorer(Scorer):
             maps, scores = prepare_for_export(self.model, size)(torch.from_numpy(x))
         return maps.numpy(), scores.numpy()
 
-    def _first_batch(self, size, x, ref, maps, scores):
-        """The check of a size's first batch: the graph's (maps, scores), or None after falling back."""
-        ok = self._check(size, ref, maps, scores)
-        if not ok and self._cached[size]:   # a cached graph that disagrees: rebuild, check again
-            try:
-                self._load(size, rebuild=True)
-                maps, scores = self._runners[size](x)
-                ok = self._check(size, ref, maps, scores)
-            except Exception as e:   # noqa: BLE001 - the rebuild failed: as for a mismatch
-                self._fall_back(f"rebuilding the {self.runtime} export failed ({type(e).__name__}: {e})")
-                return None
-        if not ok:
+    def _first_batch(self, size, ref, maps, scores):
+        """The check of a size's first batch: the graph's (maps, scores), or None after falling back.
+        A cached entry that disagrees is not rebuilt: its files passed their hashes, so a rebuild
+        from the same checkpoint gives the same graph (corruption is what the hashes catch)."""
+        if not self._check(size, ref, maps, scores):
             c = self.info["check"]
             self._fall_back(f"the {self.runtime} graph does not reproduce PyTorch within {self.rtol:g} relative "
                             f"on the first batch (maps {c['max_rel_err_maps']:.3g}, scores "
@@ -214,7 +205,7 @@ class RuntimeScorer(Scorer):
             maps, scores = self._runners[size](x)
             if size not in self._checked:
                 ref = ref if ref is not None else self._reference(size, x)
-                out = self._first_batch(size, x, ref, maps, scores)
+                out = self._first_batch(size, ref, maps, scores)
                 if out is None:
                     continue
                 maps, scores = out
