@@ -20,7 +20,8 @@ threshold beside the F1-optimal threshold (chosen on the test set, so optimistic
 ``--runtime`` (default ``auto``) chooses what scores the test set, as for predict: the fastest
 exported runtime installed (ONNX Runtime, else OpenVINO), each scored checkpoint exported once into
 ``<checkpoint>.exports/`` and checked against PyTorch on the first batch (a mismatch warns and
-scores with PyTorch), else PyTorch. Training is always PyTorch. results.json's runs name it
+moves on: ``auto`` to the next installed runtime, in the end PyTorch), else PyTorch. The inference
+images/s then includes that check (one PyTorch batch). Training is always PyTorch. results.json's runs name it
 (``runtime``) and a line under the table says which scored each run.
 
 Where things are: this file trains (or loads) and scores one run (:func:`run_one`, in steps:

@@ -15,7 +15,8 @@ score, path) and writes ``predictions.csv``, ``predictions.json`` and one overla
 first; see :mod:`altub_fast.inference.runtime`) scores with the model exported once into
 ``<checkpoint>.exports/`` (keyed by the checkpoint's SHA-256, the input size and the runtime's
 version; a corrupt entry is rebuilt) and checked against PyTorch on the first batch: a mismatch
-warns and scores with PyTorch. The header and ``predictions.json`` (``runtime``) say which ran.
+warns and moves on (``auto``: to the next installed runtime, checked the same way), in the end to
+PyTorch. The header and ``predictions.json`` (``runtime``) say which ran.
 ``--workers`` threads decode and resize the next batches while the model runs; memory does not
 grow with the number of files (the maps kept for overlays go to a temporary file). The last lines
 give the end-to-end images/s (files in -> CSV out); a progress line runs on stderr when it is a

@@ -1,0 +1,174 @@
+"""End-to-end ``predict`` on the CPU: a folder of PNG files in, ``predictions.csv`` out, per runtime.
+
+    pytest benchmarks/test_predict_e2e.py --benchmark-only                  # reduced: 512x512 files
+    pytest benchmarks/test_predict_e2e.py --benchmark-only --full-sweep     # 1024x1024 files
+    /work/venv_anomalib/bin/python -m pytest benchmarks/test_predict_e2e.py --benchmark-only   # + anomalib
+
+The model is FastFlow on resnet18 with random weights (the same architecture as anomalib 2.7's
+``FastflowModel(backbone="resnet18", conv3x3_only=True, hidden_ratio=1.0, flow_steps=8)``: equal
+parameter counts but for AltUB's 896 base parameters) at 256 px, in a checkpoint written by the
+trainer (1 epoch on 8 images, calibrated). Each provider is ``python -m altub_fast.predict`` as a
+user runs it (``--max-overlays 0 --quiet``; batch 1 and 8; 2 reader threads), and its images/s is
+the command's own end-to-end figure (``predictions.json``: files in -> CSV out, after opening the
+checkpoint and the cached export; reading, resizing, the first-batch check against PyTorch,
+scoring and the CSV included; the check is one extra PyTorch batch per run, so few files favour
+eager torch):
+
+- ``torch``: eager PyTorch (``--runtime torch``; the kernels' choice left to ``auto``, as a user
+  gets it: the CPU fast path where it applies, not the session's ``ALTUB_FAST_IMPL=torch``);
+- ``onnxruntime`` / ``openvino``: the exported graph (``--runtime``; exported once, cached);
+- ``auto``: the default, what a user gets without the option;
+- ``anomalib`` (only where anomalib is importable): anomalib 2.7's eager ``FastflowModel`` of the same
+  architecture, random weights, fed by the same threaded reader (``read_ahead``, the same decode and
+  resize) and writing the same CSV: the model is the only difference.
+
+Every provider of a batch size runs in the same test, the providers interleaved round by round
+(rotated each round, so background load hits all alike); ``vs_torch`` is the ratio of median
+end-to-end images/s to eager torch's from those rounds. The pytest-benchmark timing is of the
+default (``auto``) call as a whole (its setup included). A plain ``pytest`` runs a tiny case once
+(64 px model, 64 px files) as a smoke test. No timing threshold is asserted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _common import user_default_env
+from altub_fast import predict
+from altub_fast.inference import read_ahead
+from altub_fast.inference.runtime import installed_runtimes
+
+SCALES = {   # model px, file px, files, rounds
+    "tiny": dict(model=64, files_px=64, n=8, rounds=1),
+    "reduced": dict(model=256, files_px=512, n=64, rounds=3),
+    "full": dict(model=256, files_px=1024, n=128, rounds=3),
+}
+BATCHES = (1, 8)
+
+
+def _anomalib_available() -> bool:
+    try:
+        import anomalib  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - any failure to import means: not here
+        return False
+
+
+def providers():
+    out = ["torch", *installed_runtimes(), "auto"]
+    return out + (["anomalib"] if _anomalib_available() else [])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, bench_scale):
+    """(checkpoint, folder of PNGs, scale settings)."""
+    from PIL import Image
+
+    from altub_fast.models import build_model
+    from altub_fast.train import AltUBTrainer
+    from torch.utils.data import TensorDataset
+
+    s = SCALES[bench_scale]
+    d = tmp_path_factory.mktemp("predict_e2e")
+    torch.manual_seed(0)
+    np.random.seed(0)
+    kw = dict(flow_steps=2) if bench_scale == "tiny" else {}
+    model = build_model("fastflow", "resnet18", pretrained=False, image_size=s["model"], **kw)
+    x = torch.randn(8, 3, s["model"], s["model"])
+    trainer = AltUBTrainer(model, TensorDataset(x), epochs=1, batch_size=4, progress=False,
+                           checkpoint_dir=str(d / "ckpt"))
+    trainer.fit()
+    model.calibrate([x[:4]])
+    ckpt = Path(trainer.save_checkpoint())
+    folder = d / "images"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(s["n"]):
+        yy, xx = np.mgrid[0:s["files_px"], 0:s["files_px"]] / s["files_px"]
+        base = 0.5 + 0.4 * np.sin(12 * xx + 3 * yy + 2 * np.pi * g.random())
+        rgb = np.stack([base, 0.8 * base, 1 - base], -1) + 0.05 * g.random((s["files_px"], s["files_px"], 3))
+        Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return ckpt, folder, s
+
+
+def run_predict(ckpt, folder, out, runtime, batch):
+    """One ``python -m altub_fast.predict`` in the environment of a user who set nothing (the
+    kernels' choice ``auto``, no Triton interpreter): (end-to-end images/s, the runtime that ran)."""
+    with user_default_env():
+        code = predict.main(["--checkpoint", str(ckpt), str(folder), "--out", str(out), "--runtime", runtime,
+                             "--batch-size", str(batch), "--max-overlays", "0", "--quiet", "--workers", "2"])
+    assert code == predict.EXIT_OK
+    doc = json.loads((out / "predictions.json").read_text())
+    return doc["throughput"]["images_per_s_end_to_end"], doc["runtime"]["runtime"]
+
+
+class AnomalibRunner:
+    """anomalib's eager FastflowModel (same architecture, random weights) behind the same reader and CSV."""
+
+    def __init__(self, size: int, tiny: bool):
+        from anomalib.models.image.fastflow.torch_model import FastflowModel
+
+        torch.manual_seed(0)
+        self.size = size
+        self.model = FastflowModel(input_size=(size, size), backbone="resnet18", pre_trained=False,
+                                   flow_steps=2 if tiny else 8, conv3x3_only=True, hidden_ratio=1.0).eval()
+
+    def __call__(self, folder, out, batch) -> float:
+        files = sorted(str(p) for p in Path(folder).iterdir())
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(out / "predictions.csv", "w", newline="") as f, torch.no_grad():
+            w = csv.writer(f)
+            w.writerow(["path", "score"])
+            for start, b in read_ahead(files, (self.size, self.size), batch_size=batch, workers=2, normalise=True):
+                res = self.model(b.images)
+                for k, j in enumerate(b.ok):
+                    w.writerow([files[start + j], float(res.pred_score[k])])
+        return len(files) / (time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_predict_e2e(benchmark, setup, tmp_path, bench_scale, batch):
+    ckpt, folder, s = setup
+    names = providers()
+    anomalib = AnomalibRunner(s["model"], bench_scale == "tiny") if "anomalib" in names else None
+    for name in names:          # exports built and cached, every runtime warm, before anything counts
+        if name != "anomalib":
+            run_predict(ckpt, folder, tmp_path / f"warm_{name}", name, batch)
+    rates = {n: [] for n in names}
+    used = {}
+    for r in range(s["rounds"]):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            out = tmp_path / f"{name}_{r}"
+            if name == "anomalib":
+                rates[name].append(anomalib(folder, out, batch))
+            else:
+                rate, used[name] = run_predict(ckpt, folder, out, name, batch)
+                rates[name].append(rate)
+    benchmark.pedantic(lambda: run_predict(ckpt, folder, tmp_path / "timed", "auto", batch),
+                       rounds=1 if bench_scale == "tiny" else s["rounds"], iterations=1)
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    table = {n: {"images_per_s": med[n], "vs_torch": med[n] / med["torch"], "runtime_used": used.get(n, n),
+                 "rounds": rates[n]} for n in names}
+    if "anomalib" in med:
+        for n in names:
+            table[n]["vs_anomalib"] = med[n] / med["anomalib"]
+    benchmark.extra_info.update(level="predict_e2e", batch=batch, threads=torch.get_num_threads(),
+                                files=s["n"], file_px=s["files_px"], model_px=s["model"], providers=table,
+                                cpu_count=os.cpu_count())
+    lines = [f"predict end to end, batch {batch}, {s['n']} files of {s['files_px']} px, model {s['model']} px, "
+             f"{torch.get_num_threads()} threads:"]
+    lines += [f"  {n:12s} {t['images_per_s']:8.2f} images/s  {t['vs_torch']:5.2f}x torch"
+              + (f"  {t['vs_anomalib']:5.2f}x anomalib" if "vs_anomalib" in t else "")
+              + (f"  (ran {t['runtime_used']})" if t["runtime_used"] != n else "") for n, t in table.items()]
+    print("\n".join(lines))
+    assert all(v > 0 for v in med.values())
