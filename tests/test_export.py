@@ -1,6 +1,7 @@
 """python -m altub_fast.export: ONNX, OpenVINO and TorchScript files of FastFlow and CFLOW-AD that
 reproduce PyTorch's maps and scores (1e-4 relative) at other batch sizes than the one exported,
 with no custom op in the graph, and a loud failure when they do not."""
+import copy
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from altub_fast import export as E
 from altub_fast import functional
+from altub_fast.inference import graph as G
 from altub_fast.cli import main as altub_fast_main
 from altub_fast.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from altub_fast.train import load_model
@@ -95,8 +97,50 @@ def test_export_runs_the_plain_pytorch_path(monkeypatch):
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     monkeypatch.setenv("ALTUB_FAST_IMPL", "torch")
-    ref, _ = model.anomaly_map((torch.from_numpy(x) - mean) / std)
+    eager, _ = model.anomaly_map((torch.from_numpy(x) - mean) / std)
+    # the graph is the plain path bit for bit, once the model's LayerNorm (64 x 8 x 8 values) takes
+    # its statistics in float64 as the export does; and that changes the maps by rounding only
+    assert [type(m) for m in module.model.norms] == [G.PreciseLayerNorm]
+    precise = copy.deepcopy(model)
+    precise.norms[0].__class__ = G.PreciseLayerNorm
+    ref, _ = precise.anomaly_map((torch.from_numpy(x) - mean) / std)
     torch.testing.assert_close(maps, ref, rtol=0, atol=0)
+    torch.testing.assert_close(maps, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+
+
+def test_large_layer_norms_export_with_float64_statistics(tmp_path):
+    """FastFlow's LayerNorm over a whole feature map (64 x 64 x 64 values, post-ReLU-like: positive,
+    skewed) in ONNX Runtime: within 1e-6 of float64 once exported as PreciseLayerNorm (ONNX's own
+    LayerNormalization drifted by 4e-5 there, enough to fail the runtime check at batch 8)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm([64, 64, 64])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.relu(torch.randn(4, 64, 64, 64) * 2.0 + 0.5) + 3.0 * torch.rand(4, 64, 1, 1)
+    with torch.no_grad():
+        ref = torch.nn.functional.layer_norm(x.double(), [64, 64, 64], norm.weight.double(), norm.bias.double())
+    module = torch.nn.Sequential(copy.deepcopy(norm))
+    G.precise_layer_norms(module)
+    assert type(module[0]) is G.PreciseLayerNorm and module[0].weight is not norm.weight
+    with torch.no_grad():
+        eager = module(x)
+    assert rel(eager.numpy(), ref.numpy()) <= 1e-6
+    torch.testing.assert_close(eager, norm(x).detach(), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "norm.onnx"
+    with torch.no_grad():
+        torch.onnx.export(module, (x[:1],), str(path), dynamo=True, input_names=["x"], report=False, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ops = {n.op_type for n in __import__("onnx").load(str(path)).graph.node}
+    assert "LayerNormalization" not in ops and "Cast" in ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert rel(got, ref.numpy()) <= 1e-6
+    # a small LayerNorm (a ViT's, over its embedding) stays as it is
+    small = torch.nn.Sequential(torch.nn.LayerNorm(384))
+    G.precise_layer_norms(small)
+    assert type(small[0]) is torch.nn.LayerNorm
 
 
 def test_a_failed_check_is_loud_and_deletes_the_file(tmp_path, monkeypatch, capsys):

@@ -6,9 +6,10 @@
 An entry is a folder ``<checkpoint>.exports/<runtime>-<version>-<H>x<W>-<digest>/`` holding the
 exported files and ``manifest.json``: the whole key (the checkpoint file's SHA-256, the input size,
 the runtime and its version, the exporting torch and opset, the model's scoring rules, which eval's
-``--score`` / ``--image-score`` can change) and the SHA-256 of every file. An entry is used only
-when its manifest parses, its key equals the one asked for and every file's hash matches; anything
-else (a truncated or edited file, a half-written folder) is deleted and rebuilt, never trusted.
+``--score`` / ``--image-score`` can change, and the form of the graph, ``graph.GRAPH_VERSION``) and
+the SHA-256 of every file. An entry is used only when its manifest parses, its key equals the one
+asked for and every file's hash matches; anything else (a truncated or edited file, a half-written
+folder, an entry of an older graph form) is deleted and rebuilt, never trusted.
 
 Builds go to a temporary folder that is renamed into place once complete, so a crash or a second
 process never leaves a half-written entry under the final name. After a build the entries of other
@@ -52,6 +53,7 @@ class ExportKey:
     torch: str
     opset: int
     rules: Tuple[Tuple[str, str], ...]      # the model's scoring rules, as (name, value) pairs
+    graph: int = 1                          # the form of the exported graph (graph.GRAPH_VERSION)
 
     @classmethod
     def for_model(cls, model, checkpoint, runtime: str, runtime_version: str, image_size: Sequence[int],
@@ -60,10 +62,12 @@ class ExportKey:
         ``runtime`` at ``image_size``; ``digest``: the checkpoint's SHA-256 if already known."""
         import torch
 
+        from .graph import GRAPH_VERSION
+
         scorer = getattr(model, "scorer", None)
         rules = {} if scorer is None else {k: str(v) for k, v in scorer.description.items() if k != "calibrated"}
         return cls(digest or file_digest(checkpoint), (int(image_size[0]), int(image_size[1])), runtime,
-                   runtime_version, torch.__version__, int(opset), tuple(sorted(rules.items())))
+                   runtime_version, torch.__version__, int(opset), tuple(sorted(rules.items())), GRAPH_VERSION)
 
     def name(self) -> str:
         rest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]

@@ -15,9 +15,10 @@ scores must agree within ``rtol`` (1e-4) of PyTorch's largest value. A graph tha
 or an export that cannot be built, prints a warning and the scorer moves on: with ``auto`` to the next
 installed runtime (checked the same way), else, and after the last, to PyTorch for the rest of the
 run (that batch's scores are then PyTorch's), so scores are never silently different. ONNX Runtime
-can miss 1e-4 where OpenVINO does not (measured: FastFlow resnet18 at 256 px, one image, 1.5e-4
-against OpenVINO's 7e-6). A map that is not finite raises
-:class:`~altub_fast.models.NonFiniteError`, as the model does.
+used to miss 1e-4 on FastFlow (resnet18, 256 px: 1.5e-4 at one image, failed at batch 8), from its
+float32 ``LayerNormalization`` over whole feature maps; the graph now takes those statistics in
+float64 (:class:`~altub_fast.inference.graph.PreciseLayerNorm`) and agrees within 5e-7. A map that
+is not finite raises :class:`~altub_fast.models.NonFiniteError`, as the model does.
 
 ``input_normalised``: False (predict) reads files as RGB in [0, 1], which the graph takes directly;
 True (eval, whose datasets give ImageNet-normalised images) undoes the normalisation before the
