@@ -20,7 +20,11 @@ eager torch):
 - ``auto``: the default, what a user gets without the option;
 - ``anomalib`` (only where anomalib is importable): anomalib 2.7's eager ``FastflowModel`` of the same
   architecture, random weights, fed by the same threaded reader (``read_ahead``, the same decode and
-  resize) and writing the same CSV: the model is the only difference.
+  resize) and writing the same CSV: the model is the only difference;
+- ``anomalib_openvino`` (where anomalib and OpenVINO import): the same anomalib model (its Lightning
+  ``Fastflow``) exported by anomalib's own ``to_openvino`` and run by anomalib's
+  ``OpenVINOInferencer`` (its graph holds anomalib's pre- and post-processing), behind the same
+  reader (images in [0, 1] at the model's size) and CSV.
 
 Every provider of a batch size runs in the same test, the providers interleaved round by round
 (rotated each round, so background load hits all alike); ``vs_torch`` is the ratio of median
@@ -51,7 +55,7 @@ SCALES = {   # model px, file px, files, rounds
     "reduced": dict(model=256, files_px=512, n=64, rounds=3),
     "full": dict(model=256, files_px=1024, n=128, rounds=3),
 }
-BATCHES = (1, 8)
+BATCHES = (1, 8, 32)      # the issue's batch 1 and 32, and its target's batch 8
 
 
 def _anomalib_available() -> bool:
@@ -64,7 +68,11 @@ def _anomalib_available() -> bool:
 
 def providers():
     out = ["torch", *installed_runtimes(), "auto"]
-    return out + (["anomalib"] if _anomalib_available() else [])
+    if _anomalib_available():
+        out.append("anomalib")
+        if "openvino" in installed_runtimes():
+            out.append("anomalib_openvino")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +121,8 @@ def run_predict(ckpt, folder, out, runtime, batch):
 class AnomalibRunner:
     """anomalib's eager FastflowModel (same architecture, random weights) behind the same reader and CSV."""
 
+    normalise = True         # the torch model takes ImageNet-normalised images
+
     def __init__(self, size: int, tiny: bool):
         from anomalib.models.image.fastflow.torch_model import FastflowModel
 
@@ -121,27 +131,67 @@ class AnomalibRunner:
         self.model = FastflowModel(input_size=(size, size), backbone="resnet18", pre_trained=False,
                                    flow_steps=2 if tiny else 8, conv3x3_only=True, hidden_ratio=1.0).eval()
 
+    def scores(self, images: torch.Tensor):
+        with torch.no_grad():
+            return self.model(images).pred_score
+
     def __call__(self, folder, out, batch) -> float:
         files = sorted(str(p) for p in Path(folder).iterdir())
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with open(out / "predictions.csv", "w", newline="") as f, torch.no_grad():
+        with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "score"])
-            for start, b in read_ahead(files, (self.size, self.size), batch_size=batch, workers=2, normalise=True):
-                res = self.model(b.images)
+            for start, b in read_ahead(files, (self.size, self.size), batch_size=batch, workers=2,
+                                       normalise=self.normalise):
+                scores = self.scores(b.images)
                 for k, j in enumerate(b.ok):
-                    w.writerow([files[start + j], float(res.pred_score[k])])
+                    w.writerow([files[start + j], float(np.asarray(scores).reshape(-1)[k])])
         return len(files) / (time.perf_counter() - t0)
+
+
+class AnomalibOpenVINORunner(AnomalibRunner):
+    """anomalib's own deployment path: its Lightning ``Fastflow`` (the same architecture, random
+    weights) exported by ``to_openvino`` and run by ``OpenVINOInferencer`` on the CPU, at torch's
+    thread count, fed images in [0, 1] (the exported graph normalises them itself)."""
+
+    normalise = False
+
+    def __init__(self, size: int, tiny: bool, folder: Path):
+        import openvino as ov
+        from anomalib.deploy import OpenVINOInferencer
+        from anomalib.models import Fastflow
+
+        torch.manual_seed(0)
+        self.size = size
+        model = Fastflow(backbone="resnet18", pre_trained=False, flow_steps=2 if tiny else 8, conv3x3_only=True,
+                         hidden_ratio=1.0)
+        xml = model.to_openvino(folder, input_size=(size, size))
+        cwd = os.getcwd()
+        os.chdir(folder)          # the inferencer writes its compile cache into ./openvino_cache
+        try:
+            self.inferencer = OpenVINOInferencer(path=xml, device="CPU",
+                                                 config={ov.properties.inference_num_threads: torch.get_num_threads()})
+        finally:
+            os.chdir(cwd)
+
+    def scores(self, images: torch.Tensor):
+        return self.inferencer.predict(images.numpy()).pred_score
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_predict_e2e(benchmark, setup, tmp_path, bench_scale, batch):
     ckpt, folder, s = setup
     names = providers()
-    anomalib = AnomalibRunner(s["model"], bench_scale == "tiny") if "anomalib" in names else None
+    others = {}                 # the anomalib providers: name -> runner
+    if "anomalib" in names:
+        others["anomalib"] = AnomalibRunner(s["model"], bench_scale == "tiny")
+    if "anomalib_openvino" in names:
+        others["anomalib_openvino"] = AnomalibOpenVINORunner(s["model"], bench_scale == "tiny", tmp_path / "anomalib_ov")
     for name in names:          # exports built and cached, every runtime warm, before anything counts
-        if name != "anomalib":
+        if name in others:
+            others[name](folder, tmp_path / f"warm_{name}", batch)
+        else:
             run_predict(ckpt, folder, tmp_path / f"warm_{name}", name, batch)
     rates = {n: [] for n in names}
     used = {}
@@ -149,8 +199,8 @@ def test_predict_e2e(benchmark, setup, tmp_path, bench_scale, batch):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             out = tmp_path / f"{name}_{r}"
-            if name == "anomalib":
-                rates[name].append(anomalib(folder, out, batch))
+            if name in others:
+                rates[name].append(others[name](folder, out, batch))
             else:
                 rate, used[name] = run_predict(ckpt, folder, out, name, batch)
                 rates[name].append(rate)
@@ -159,16 +209,21 @@ def test_predict_e2e(benchmark, setup, tmp_path, bench_scale, batch):
     med = {n: statistics.median(v) for n, v in rates.items()}
     table = {n: {"images_per_s": med[n], "vs_torch": med[n] / med["torch"], "runtime_used": used.get(n, n),
                  "rounds": rates[n]} for n in names}
-    if "anomalib" in med:
-        for n in names:
-            table[n]["vs_anomalib"] = med[n] / med["anomalib"]
+    for ref in ("anomalib", "anomalib_openvino"):
+        if ref in med:
+            for n in names:
+                table[n][f"vs_{ref}"] = med[n] / med[ref]
     benchmark.extra_info.update(level="predict_e2e", batch=batch, threads=torch.get_num_threads(),
                                 files=s["n"], file_px=s["files_px"], model_px=s["model"], providers=table,
                                 cpu_count=os.cpu_count())
     lines = [f"predict end to end, batch {batch}, {s['n']} files of {s['files_px']} px, model {s['model']} px, "
              f"{torch.get_num_threads()} threads:"]
-    lines += [f"  {n:12s} {t['images_per_s']:8.2f} images/s  {t['vs_torch']:5.2f}x torch"
+    lines += [f"  {n:17s} {t['images_per_s']:8.2f} images/s  {t['vs_torch']:5.2f}x torch"
               + (f"  {t['vs_anomalib']:5.2f}x anomalib" if "vs_anomalib" in t else "")
+              + (f"  {t['vs_anomalib_openvino']:5.2f}x anomalib_openvino" if "vs_anomalib_openvino" in t else "")
               + (f"  (ran {t['runtime_used']})" if t["runtime_used"] != n else "") for n, t in table.items()]
     print("\n".join(lines))
     assert all(v > 0 for v in med.values())
+    # every exported runtime passed its first-batch check against PyTorch (a failed one runs torch)
+    assert all(used[n] == n for n in installed_runtimes()), used
+    assert used["auto"] == (installed_runtimes() or ["torch"])[0], used
