@@ -202,6 +202,38 @@ def test_a_graph_that_disagrees_warns_and_scores_with_torch(ckpt, carpet, tmp_pa
     np.testing.assert_allclose([p["score"] for p in doc["predictions"]], ref, rtol=1e-6, atol=1e-7)
 
 
+def test_the_check_recomputes_the_first_images_of_the_batch_the_graph_ran_whole(ckpt, carpet, monkeypatch):
+    """PyTorch recomputes CHECK_IMAGES images of the first batch, compared with the graph's outputs
+    for them from its run on the whole batch; a graph wrong on them is caught."""
+    from altub_fast.inference import runtime_scorer as RS
+
+    _, files = carpet
+    model, _ = open_checkpoint(str(ckpt), device="cpu")
+    seen = []
+    real_reference, real_call = RS.RuntimeScorer._reference, ExportedModel.__call__
+    monkeypatch.setattr(RS.RuntimeScorer, "_reference",
+                        lambda self, size, x: seen.append(len(x)) or real_reference(self, size, x))
+    monkeypatch.setattr(ExportedModel, "__call__", lambda self, x: seen.append(("graph", len(x))) or real_call(self, x))
+    scorer = make_scorer(model, "onnxruntime", checkpoint=ckpt)
+    images = scorer.read(files)[0]
+    maps, scores = scorer.score(images)
+    assert len(files) > RS.CHECK_IMAGES and seen == [("graph", len(files)), RS.CHECK_IMAGES]
+    assert scorer.info["check"] == dict(scorer.info["check"], passed=True, batch=len(files), images_checked=RS.CHECK_IMAGES)
+    ref_maps, ref_scores = torch_outputs(model, files)
+    assert rel_err(maps.numpy(), ref_maps.numpy()) <= RTOL and rel_err(scores.numpy(), ref_scores.numpy()) <= RTOL
+
+    def first_image_off(self, x):       # wrong on the first image only
+        maps, scores = real_call(self, x)
+        maps = maps.copy()
+        maps[0] *= 1.001
+        return maps, scores
+    monkeypatch.setattr(ExportedModel, "__call__", first_image_off)
+    wrong = make_scorer(model, "onnxruntime", checkpoint=ckpt, warn=lambda msg: None)
+    maps, _ = wrong.score(images)
+    assert wrong.info["runtime"] == "torch" and wrong.info["check"]["passed"] is False
+    assert rel_err(maps.numpy(), ref_maps.numpy()) <= 1e-5
+
+
 def test_auto_moves_on_to_the_next_runtime_when_one_disagrees(ckpt, carpet, tmp_path, monkeypatch, capsys):
     _, files = carpet
     real_call = ExportedModel.__call__
