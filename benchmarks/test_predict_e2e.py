@@ -187,7 +187,8 @@ def test_predict_e2e(benchmark, setup, tmp_path, bench_scale, batch):
     if "anomalib" in names:
         others["anomalib"] = AnomalibRunner(s["model"], bench_scale == "tiny")
     if "anomalib_openvino" in names:
-        others["anomalib_openvino"] = AnomalibOpenVINORunner(s["model"], bench_scale == "tiny", tmp_path / "anomalib_ov")
+        others["anomalib_openvino"] = AnomalibOpenVINORunner(s["model"], bench_scale == "tiny",
+                                                             tmp_path / "anomalib_ov")
     for name in names:          # exports built and cached, every runtime warm, before anything counts
         if name in others:
             others[name](folder, tmp_path / f"warm_{name}", batch)

@@ -218,7 +218,8 @@ def test_the_check_recomputes_the_first_images_of_the_batch_the_graph_ran_whole(
     images = scorer.read(files)[0]
     maps, scores = scorer.score(images)
     assert len(files) > RS.CHECK_IMAGES and seen == [("graph", len(files)), RS.CHECK_IMAGES]
-    assert scorer.info["check"] == dict(scorer.info["check"], passed=True, batch=len(files), images_checked=RS.CHECK_IMAGES)
+    assert scorer.info["check"] == dict(scorer.info["check"], passed=True, batch=len(files),
+                                        images_checked=RS.CHECK_IMAGES)
     ref_maps, ref_scores = torch_outputs(model, files)
     assert rel_err(maps.numpy(), ref_maps.numpy()) <= RTOL and rel_err(scores.numpy(), ref_scores.numpy()) <= RTOL
 

@@ -42,8 +42,8 @@ from ..imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .exported import INPUT_NAME, OUTPUT_NAMES
 
 __all__ = ["ExportError", "ExportCheckError", "AnomalyMapModule", "PreciseLayerNorm", "precise_layer_norms",
-           "prepare_for_export", "check_images", "export_onnx", "export_openvino", "export_torchscript", "rel_err", "DEFAULT_OPSET",
-           "EXAMPLE_BATCH", "MAX_BATCH", "GRAPH_VERSION"]
+           "prepare_for_export", "check_images", "export_onnx", "export_openvino", "export_torchscript", "rel_err",
+           "DEFAULT_OPSET", "EXAMPLE_BATCH", "MAX_BATCH", "GRAPH_VERSION"]
 
 DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 2          # the batch size traced; the checks run other sizes
