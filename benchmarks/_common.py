@@ -176,3 +176,44 @@ def interleaved_ratio(fn_base, fn_new, rounds: int = 7, warmup: int = 1) -> dict
     if not ON_GPU and statistics.median(c_new) > 0:
         out["cpu_ratio_median"] = statistics.median(c_base) / statistics.median(c_new)
     return out
+
+
+def predict_checkpoint(folder, backbone: str = "resnet18", size: int = 256, flow_steps=None):
+    """The model and checkpoint the predict benchmarks score: FastFlow on ``backbone`` with random
+    weights, trained one epoch of AltUB on 8 random images and calibrated on 4 of them, saved by the
+    trainer under ``folder/ckpt``. Returns (model in eval mode, checkpoint path)."""
+    import numpy as np
+    from pathlib import Path
+    from torch.utils.data import TensorDataset
+
+    from altub_fast.models import build_model
+    from altub_fast.train import AltUBTrainer
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    kw = dict(flow_steps=flow_steps) if flow_steps else {}
+    model = build_model("fastflow", backbone, pretrained=False, image_size=size, **kw)
+    x = torch.randn(8, 3, size, size)
+    trainer = AltUBTrainer(model, TensorDataset(x), epochs=1, batch_size=4, progress=False,
+                           checkpoint_dir=str(Path(folder) / "ckpt"))
+    trainer.fit()
+    model.calibrate([x[:4]])
+    return model.eval(), Path(trainer.save_checkpoint())
+
+
+def write_png_folder(folder, n: int, px: int):
+    """``n`` RGB PNG files of ``px`` x ``px`` (smooth seeded colour waves with pixel noise) in a new
+    ``folder``, which is returned."""
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:px, 0:px] / px
+    for i in range(n):
+        base = 0.5 + 0.4 * np.sin(12 * xx + 3 * yy + 2 * np.pi * g.random())
+        rgb = np.stack([base, 0.8 * base, 1 - base], -1) + 0.05 * g.random((px, px, 3))
+        Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
