@@ -491,6 +491,13 @@ RATE_HEADER = ["part", "GFLOP/img", "ms/img b1", "ms/img b8", "GFLOP/s b1", "GFL
                "of peak b8"]
 
 
+def _total_row(label: str, gflop: float, ms: dict, peak: float) -> list:
+    """A table row for the whole model: ``ms`` maps batch (1, 8) to that batch's part times."""
+    rates = [gflop / ms[b]["total"] * 1e3 for b in (1, 8)]
+    return [label, f"{gflop:.3f}", *(f"{ms[b]['total']:.2f}" for b in (1, 8)), *(f"{r:.1f}" for r in rates),
+            *(f"{100 * r / peak:.1f}%" for r in rates)]
+
+
 def _with_sum(d: dict, a="backbone", b="flows") -> dict:
     return {**d, f"{a}+{b}": d[a] + d[b]}
 
@@ -620,11 +627,7 @@ def test_predict_roofline(benchmark, setup, tmp_path, bench_scale):
     rows = _rate_rows(gflop, ort_ms[1], ort_ms[8], peak, names)
     rows.append(["unattributed", "-", f"{ort_ms[1]['unattributed']:.2f}", f"{ort_ms[8]['unattributed']:.2f}",
                  "-", "-", "-", "-"])
-    rows.append(["total (plain run)", f"{flops['total_GFLOP']:.3f}", f"{ort_ms[1]['total']:.2f}",
-                 f"{ort_ms[8]['total']:.2f}", f"{flops['total_GFLOP'] / ort_ms[1]['total'] * 1e3:.1f}",
-                 f"{flops['total_GFLOP'] / ort_ms[8]['total'] * 1e3:.1f}",
-                 f"{100 * flops['total_GFLOP'] / ort_ms[1]['total'] * 1e3 / peak:.1f}%",
-                 f"{100 * flops['total_GFLOP'] / ort_ms[8]['total'] * 1e3 / peak:.1f}%"])
+    rows.append(_total_row("total (plain run)", flops["total_GFLOP"], ort_ms, peak))
     L += _fmt_table(RATE_HEADER, rows)
     for b in (1, 8):
         p = prof[b]
@@ -644,11 +647,7 @@ def test_predict_roofline(benchmark, setup, tmp_path, bench_scale):
         L.append(f"  b8 {part}: conv/matmul {100 * gemm_share:.0f}% of its time; ops {top}; {subs}")
     L.append("eager torch (CPU fast path, model.extract_features / score_parts / scorer timed separately):")
     erows = _rate_rows(gflop, eager_ms[1], eager_ms[8], peak, ["backbone", "flows", "backbone+flows", "scoring"])
-    erows.append(["anomaly_map (whole)", f"{flops['total_GFLOP']:.3f}", f"{eager_ms[1]['total']:.2f}",
-                  f"{eager_ms[8]['total']:.2f}", f"{flops['total_GFLOP'] / eager_ms[1]['total'] * 1e3:.1f}",
-                  f"{flops['total_GFLOP'] / eager_ms[8]['total'] * 1e3:.1f}",
-                  f"{100 * flops['total_GFLOP'] / eager_ms[1]['total'] * 1e3 / peak:.1f}%",
-                  f"{100 * flops['total_GFLOP'] / eager_ms[8]['total'] * 1e3 / peak:.1f}%"])
+    erows.append(_total_row("anomaly_map (whole)", flops["total_GFLOP"], eager_ms, peak))
     L += _fmt_table(RATE_HEADER, erows)
     L.append(f"end to end per image ({stages['files']} PNG files of {s['files_px']} px; each stage alone, one after "
              f"another in one thread, the model on its {THREADS} intra-op threads; writer: {stages['writer']}):")
