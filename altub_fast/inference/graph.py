@@ -102,9 +102,8 @@ def precise_layer_norms(model: nn.Module) -> None:
     """Every ``nn.LayerNorm`` of ``model`` over at least :data:`PRECISE_NORM_MIN` elements becomes a
     :class:`PreciseLayerNorm` in place (the same parameter tensors; a copy's, in prepare_for_export)."""
     for module in model.modules():
-        for name, child in list(module.named_children()):
-            if type(child) is nn.LayerNorm and math.prod(child.normalized_shape) >= PRECISE_NORM_MIN:
-                child.__class__ = PreciseLayerNorm
+        if type(module) is nn.LayerNorm and math.prod(module.normalized_shape) >= PRECISE_NORM_MIN:
+            module.__class__ = PreciseLayerNorm
 
 
 def _plain_backbone(model: nn.Module) -> None:
