@@ -123,9 +123,9 @@ class AnomalibRunner:
             w.writerow(["path", "score"])
             for start, b in read_ahead(files, (self.size, self.size), batch_size=batch, workers=2,
                                        normalise=self.normalise):
-                scores = self.scores(b.images)
+                scores = np.asarray(self.scores(b.images)).reshape(-1)
                 for k, j in enumerate(b.ok):
-                    w.writerow([files[start + j], float(np.asarray(scores).reshape(-1)[k])])
+                    w.writerow([files[start + j], float(scores[k])])
         return len(files) / (time.perf_counter() - t0)
 
 

@@ -116,12 +116,11 @@ def _times(fn, reps: int, warmup: int = 1) -> list:
 
 
 def _ort_options(profile_prefix=None):
-    """The session options predict's RuntimeScorer gives ExportedModel (threads=2, spinning=False),
-    plus the profiler when asked."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    """The session options predict's RuntimeScorer gives ExportedModel (threads=2, spinning=False:
+    ``exported.ort_session_options``), plus the profiler when asked."""
+    from altub_fast.inference.exported import ort_session_options
+
+    opts = ort_session_options(THREADS, spinning=False)
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["FORMATS", "INPUT_NAME", "OUTPUT_NAMES", "ExportedModel", "format_of"]
+__all__ = ["FORMATS", "INPUT_NAME", "OUTPUT_NAMES", "ExportedModel", "format_of", "ort_session_options"]
 
 FORMATS = ("onnx", "openvino", "torchscript")
 INPUT_NAME, OUTPUT_NAMES = "images", ("maps", "scores")
@@ -33,6 +33,21 @@ def format_of(path) -> str:
     if name.endswith((".pt", ".pth", ".ts")):
         return "torchscript"
     raise ValueError(f"cannot tell the format of {path} from its name (.onnx, .xml or .pt); pass fmt=")
+
+
+def ort_session_options(threads: Optional[int] = None, spinning: bool = True):
+    """ONNX Runtime's session options as :class:`ExportedModel` opens a graph: ``threads`` intra-op
+    threads and one inter-op thread (None: the runtime's own choice); ``spinning=False``: idle
+    threads sleep instead of spin-waiting."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 class ExportedModel:
@@ -55,13 +70,8 @@ class ExportedModel:
         if self.format == "onnx":
             import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = int(threads)
-                opts.inter_op_num_threads = 1
-            if not spinning:
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(self.path, ort_session_options(threads, spinning),
+                                                 providers=["CPUExecutionProvider"])
         elif self.format == "openvino":
             import openvino as ov
 
